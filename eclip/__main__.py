@@ -1,0 +1,3 @@
+from eclip.cli import main
+
+main()

@@ -1,0 +1,78 @@
+"""eclip checkpoints: one .safetensors file; its header carries the config that rebuilds the model.
+
+Header metadata (all strings): format="eclip", eclip_version, config=<EntityCLIPConfig as JSON>,
+plus anything the caller adds (e.g. training step). Nothing is ever unpickled.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from eclip import __version__
+from eclip.atomic import atomic_path
+from eclip.errors import EclipError
+
+FORMAT = "eclip"
+
+
+def sha256_file(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_checkpoint(model, path, extra: dict | None = None) -> Path:
+    """Write backbone + experts + head weights and the config, atomically."""
+    from safetensors.torch import save_model
+    meta = {"format": FORMAT, "eclip_version": __version__, "config": json.dumps(model.config.to_dict())}
+    meta.update({k: str(v) for k, v in (extra or {}).items()})
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        save_model(model, str(tmp), metadata=meta)
+    return path
+
+
+def read_header(path) -> dict:
+    """The checkpoint's metadata, validated; EclipError naming the file otherwise."""
+    from safetensors import safe_open
+    path = Path(path)
+    if not path.is_file():
+        raise EclipError(f"{path}: no such checkpoint file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:  # safetensors raises its own error types for truncated / garbage files
+        raise EclipError(f"{path}: not a readable .safetensors file ({str(e).splitlines()[0][:120]})")
+    if meta.get("format") != FORMAT or "config" not in meta:
+        raise EclipError(f"{path}: not an eclip checkpoint (no eclip header); for plain open_clip weights "
+                         f"use --pretrained FILE")
+    return meta
+
+
+def load_checkpoint(path, device: str = "cpu"):
+    """Rebuild the model from the header alone and load the weights (strict)."""
+    from safetensors.torch import load_model
+
+    from eclip.config import EntityCLIPConfig
+    from eclip.model.factory import build, register_config
+    meta = read_header(path)
+    try:
+        config = EntityCLIPConfig.from_dict(json.loads(meta["config"]))
+    except (ValueError, TypeError, KeyError) as e:
+        raise EclipError(f"{path}: eclip header has an unreadable config ({e})")
+    name = register_config(config.clip_config)   # the header alone rebuilds it: no hub, no folder
+    tokenizer = config.tokenizer if config.tokenizer.startswith(("hf-hub:", "local-dir:")) else name
+    model = build(name, config.clip_config, tokenizer, config.experts, config.loss, device="cpu",
+                  preprocess_cfg=config.preprocess)
+    model.config = config
+    try:
+        load_model(model, str(path), strict=True)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise EclipError(f"{path}: weights do not fit the model its header describes ({first})")
+    model.source = {"model": config.clip_name, "pretrained": None, "checkpoint": str(path),
+                    "checkpoint_sha256": sha256_file(path)}
+    return model.to(device)

@@ -1,0 +1,51 @@
+"""`eclip` command line: parses options, calls one library function per subcommand, prints.
+
+Each subcommand lives in its own module and imports heavy libraries inside its
+function, so `eclip --help` never imports torch or open_clip.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Optional
+
+import typer
+from typing_extensions import Annotated
+
+from eclip import __version__
+
+app = typer.Typer(
+    name="eclip",
+    help="Entity-centric image-text matching with EntityCLIP: explain, train, embed, match, evaluate.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool):
+    if value:
+        typer.echo(f"eclip {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[Optional[bool], typer.Option(
+        "--version", callback=_version, is_eager=True, help="Print the version and exit.")] = None):
+    pass
+
+
+from eclip.cli import explain, train, embed, match, evaluate  # noqa: E402,F401  (registers the commands)
+
+
+def main():
+    try:
+        app()
+    except SystemExit:
+        raise
+    except Exception as e:  # a bug, not bad input: one line unless the user asks for the traceback
+        if os.environ.get("ECLIP_DEBUG"):
+            raise
+        sys.stderr.write(f"eclip: internal error: {type(e).__name__}: {e} (set ECLIP_DEBUG=1 for the traceback)\n")
+        sys.exit(1)

@@ -1,0 +1,77 @@
+"""Options shared by several subcommands, spelled the same everywhere.
+
+Only typer is imported here: `eclip --help` must not pay for torch.
+"""
+from __future__ import annotations
+
+import contextlib
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import typer
+from typing_extensions import Annotated
+
+from eclip.errors import EclipError
+
+
+class Precision(str, Enum):
+    fp32 = "fp32"
+    fp16 = "fp16"
+    bf16 = "bf16"
+
+
+MODEL_PANEL = "Model"
+DATA_PANEL = "Data"
+
+Model = Annotated[Optional[str], typer.Option(
+    "--model", rich_help_panel=MODEL_PANEL,
+    help="open_clip architecture (ViT-B-32, ...), hf-hub:org/repo, local-dir:PATH, or a model-config JSON file. "
+         "Default: ViT-B-32 (with --pretrained openai) unless --checkpoint is given.")]
+Pretrained = Annotated[Optional[str], typer.Option(
+    "--pretrained", rich_help_panel=MODEL_PANEL,
+    help="Pretrained tag (openai, laion2b_s34b_b79k, ...) or a local weights file (.safetensors/.bin/.pt); "
+         "'none' for random weights.")]
+Checkpoint = Annotated[Optional[Path], typer.Option(
+    "--checkpoint", rich_help_panel=MODEL_PANEL,
+    help="An eclip .safetensors checkpoint; it alone rebuilds the model (overrides --model/--pretrained).")]
+Device = Annotated[Optional[str], typer.Option(
+    "--device", rich_help_panel=MODEL_PANEL, help="cpu, cuda, cuda:1, mps ... Default: cuda when available, else cpu.")]
+PrecisionOpt = Annotated[Precision, typer.Option(
+    "--precision", rich_help_panel=MODEL_PANEL, help="Compute precision.")]
+
+Dataset = Annotated[Optional[str], typer.Option(
+    "--dataset", rich_help_panel=DATA_PANEL,
+    help="n24news | visualnews | goodnews, or a FILE.jsonl / FILE.csv with fields image, text "
+         "[, id, explanation, entities].")]
+DataRoot = Annotated[Optional[Path], typer.Option(
+    "--data-root", rich_help_panel=DATA_PANEL,
+    help="Folder holding the benchmark in its published layout. Default: $ECLIP_DATA/<dataset> "
+         "or ~/.cache/eclip/data/<dataset>.")]
+Split = Annotated[str, typer.Option(
+    "--split", rich_help_panel=DATA_PANEL, help="train | val | test (N24News's 'dev' is accepted for val).")]
+Explanations = Annotated[Optional[Path], typer.Option(
+    "--explanations", rich_help_panel=DATA_PANEL,
+    help="Explanation cache written by `eclip explain` (JSONL).")]
+Json = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of a table.")]
+
+
+def model_spec(model, pretrained, checkpoint, device, precision):
+    """Bundle the model options for the library (cheap: no torch import)."""
+    from eclip.config import ModelSpec
+    return ModelSpec(model=model, pretrained=pretrained, checkpoint=str(checkpoint) if checkpoint else None,
+                     device=device, precision=getattr(precision, "value", precision))
+
+
+@contextlib.contextmanager
+def user_errors():
+    """Turn EclipError into one line on stderr and its exit code; never a traceback."""
+    try:
+        yield
+    except EclipError as e:
+        sys.stderr.write(f"eclip: error: {e}\n")
+        raise typer.Exit(e.exit_code)
+    except KeyboardInterrupt:
+        sys.stderr.write("eclip: interrupted\n")
+        raise typer.Exit(130)

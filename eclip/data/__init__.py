@@ -1,0 +1,1 @@
+"""Data: the one record type, benchmark readers, and safe image loading."""

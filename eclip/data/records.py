@@ -1,0 +1,35 @@
+"""The one record type that flows through eclip: an image-text pair.
+
+Readers make records, `explain` adds explanations, and train / embed / match /
+evaluate consume them. Records are plain data and serialise to one JSON object.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+
+@dataclass
+class Record:
+    id: str                       # unique within a dataset split
+    image: str                    # absolute path of the image file
+    caption: str                  # the text that names the entities
+    explanation: Optional[str] = None   # LLM bridge text, used only in training
+    entities: list = field(default_factory=list)  # [{"text": "Windsor", "type": "GPE"}, ...]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Record":
+        return cls(
+            id=str(d["id"]),
+            image=str(d["image"]),
+            caption=str(d["caption"]),
+            explanation=d.get("explanation"),
+            entities=list(d.get("entities") or []),
+        )
+
+    def training_explanation(self) -> str:
+        """The explanation, or the caption itself when none was written (METHOD.md fallback)."""
+        return self.explanation if self.explanation else self.caption

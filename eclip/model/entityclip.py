@@ -1,0 +1,127 @@
+"""EntityCLIP: CLIP towers + Multimodal Attentive Experts + GI-ITM, trained jointly;
+inference uses the CLIP towers alone (METHOD.md, "Inference")."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from eclip.config import EntityCLIPConfig
+from eclip.model.backbone import image_tokens, text_tokens
+from eclip.model.experts import MultimodalExperts
+from eclip.model.itm import MatchingHead, hard_negative_indices
+from eclip.model.loss import gather, shared_uniforms, vtc_loss, world
+
+
+class EntityCLIP(nn.Module):
+    def __init__(self, clip: nn.Module, config: EntityCLIPConfig, preprocess=None, tokenizer=None):
+        super().__init__()
+        self.clip = clip
+        self.config = config
+        self.preprocess = preprocess
+        self.tokenizer = tokenizer
+        self.source = {"model": config.clip_name, "pretrained": None, "checkpoint_sha256": None}
+        width = config.clip_config["embed_dim"]
+        cfg = config.experts
+        self.experts = MultimodalExperts(width, cfg) if cfg.enabled else None
+        n_pair = cfg.n_vision + cfg.n_text + 2 * cfg.n_shared
+        self.itm = MatchingHead(width, n_pair) if cfg.enabled else None
+
+    # ---- inference: plain CLIP ----
+    @property
+    def device(self) -> torch.device:
+        return next(self.clip.parameters()).device
+
+    def tokenize(self, texts) -> torch.Tensor:
+        return self.tokenizer(list(texts))
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.clip.encode_image(pixels), dim=-1)
+
+    def encode_texts(self, tokens: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.clip.encode_text(tokens), dim=-1)
+
+    @staticmethod
+    def similarity(image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+        """Cosine similarity [Ni, Nt] of L2-normalised features."""
+        return image_features @ text_features.T
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return self.clip.logit_scale.exp()
+
+    def identity(self) -> dict:
+        """What produced this model's vectors: embeddings from another model are refused."""
+        return {**self.source, "preprocess": self.config.preprocess}
+
+    # ---- training ----
+    def forward(self, images, captions, explanations, group_ids=None, generator=None) -> dict:
+        """images [b,3,H,W], captions / explanations [b,L] token ids -> dict of scalar losses.
+
+        group_ids [b] (optional): pairs sharing an id (e.g. the same image file) are never
+        drawn as each other's negatives. `generator` makes negative sampling reproducible.
+        """
+        b = images.shape[0]
+        v_tok, v_cls = image_tokens(self.clip, images)                       # [b,1+P,D], [b,D]
+        t_all, t_pool, _, pad_all = text_tokens(self.clip, torch.cat([captions, explanations]))
+        t_tok, e_tok, t_cls = t_all[:b], t_all[b:], t_pool[:b]                # [b,L,D] x2, [b,D]
+        t_pad, e_pad = pad_all[:b], pad_all[b:]
+        scale = self.logit_scale
+        vtc = vtc_loss(F.normalize(v_cls, dim=-1), F.normalize(t_cls, dim=-1), scale)
+        if self.experts is None:
+            return {"loss": vtc, "vtc": vtc.detach()}
+
+        ex = self.experts
+        vision = ex.vision_outputs(v_cls, v_tok)                              # [b,nv,D]
+        image_side = torch.cat([vision, ex.shared_outputs(v_cls, e_tok, e_pad)], dim=1)
+        text_side = torch.cat([ex.text_outputs(t_cls, t_tok, t_pad),
+                               ex.shared_outputs(t_cls, e_tok, e_pad)], dim=1)  # [b,nt+ns,D]
+        v_star = ex.gated(image_side, v_cls, ex.image_gate)
+        t_star = ex.gated(text_side, t_cls, ex.text_gate)
+        vtc_star = vtc_loss(v_star, t_star, scale)
+
+        gfm = self._matching_loss(v_cls, t_cls, vision, image_side, text_side, e_tok, e_pad,
+                                  group_ids, generator)
+        loss = vtc + self.config.loss.eta * gfm + self.config.loss.lam * vtc_star
+        return {"loss": loss, "vtc": vtc.detach(), "gfm": gfm.detach(), "vtc_star": vtc_star.detach()}
+
+    def _matching_loss(self, v_cls, t_cls, vision, image_side, text_side, e_tok, e_pad, group_ids, generator):
+        """L_GFM over positives, (image, hard negative caption) and (hard negative image, caption).
+
+        Negatives come from the global batch: what a pair needs from another process (its
+        tokens, expert outputs) is gathered with gradient. Each negative caption brings its
+        own explanation and its own EOT read-out (its text-side expert outputs).
+        """
+        ex, b = self.experts, v_cls.shape[0]
+        rank, _ = world()
+        v_all, t_all = gather(v_cls), gather(t_cls)
+        vision_all, text_side_all = gather(vision), gather(text_side)
+        e_tok_all, e_pad_all = gather(e_tok), gather(e_pad)
+        n = v_all.shape[0]
+        local = torch.arange(b, device=v_cls.device) + rank * b
+        ids = group_ids if group_ids is not None else local
+        ids_all = gather(ids.to(v_cls.device))
+        positive = ids.to(v_cls.device)[:, None] == ids_all[None, :]          # [b, n]
+        positive[torch.arange(b), local] = True
+        with torch.no_grad():
+            vn, tn = F.normalize(v_cls, dim=-1), F.normalize(t_cls, dim=-1)
+            u = shared_uniforms(n, v_cls.device, generator)[:, local]
+            neg_text = hard_negative_indices(vn @ F.normalize(t_all, dim=-1).T, positive, u[0])
+            neg_image = hard_negative_indices(tn @ F.normalize(v_all, dim=-1).T, positive, u[1])
+
+        pairs = [(v_cls, t_cls, torch.cat([image_side, text_side], dim=1), 1)]
+        r = (neg_text >= 0).nonzero().squeeze(1)
+        if r.numel():          # image r with a hard negative caption j (and j's explanation)
+            j = neg_text[r]
+            img = torch.cat([vision[r], ex.shared_outputs(v_cls[r], e_tok_all[j], e_pad_all[j])], dim=1)
+            pairs.append((v_cls[r], t_all[j], torch.cat([img, text_side_all[j]], dim=1), 0))
+        r = (neg_image >= 0).nonzero().squeeze(1)
+        if r.numel():          # hard negative image k with caption r (and r's explanation)
+            k = neg_image[r]
+            img = torch.cat([vision_all[k], ex.shared_outputs(v_all[k], e_tok[r], e_pad[r])], dim=1)
+            pairs.append((v_all[k], t_cls[r], torch.cat([img, text_side[r]], dim=1), 0))
+
+        logits = self.itm(torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs]),
+                          torch.cat([p[2] for p in pairs]))
+        labels = torch.cat([torch.full((p[0].shape[0],), p[3], dtype=torch.long) for p in pairs]).to(logits.device)
+        return F.cross_entropy(logits, labels)

@@ -1,0 +1,209 @@
+"""The front door: `load_model` turns model options into an EntityCLIP, offline-safe.
+
+Accepted: an open_clip architecture name, `hf-hub:org/repo`, `local-dir:PATH`, or a model-config
+JSON file; weights from a pretrained tag (only if it is in the local cache or the hub is reachable:
+never a minute of retries), a local weights file, or an eclip checkpoint.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import socket
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+from eclip.config import (DEFAULT_MODEL, DEFAULT_PRETRAINED, EntityCLIPConfig, ExpertConfig, LossConfig,
+                          ModelSpec)
+from eclip.errors import EclipError
+
+HUB_HOST = "huggingface.co"
+
+
+def resolve_device(device: str | None) -> str:
+    import torch
+    if device:
+        return device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def register_config(cfg: dict) -> str:
+    """Make a model-config dict known to open_clip under a content-derived name; return the name."""
+    import open_clip
+    text = json.dumps(cfg, sort_keys=True)
+    name = "eclip-" + hashlib.sha256(text.encode()).hexdigest()[:12]
+    if name not in open_clip.list_models():
+        folder = Path(tempfile.gettempdir()) / f"eclip-configs-{os.getuid()}"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{name}.json"
+        path.write_text(text)
+        open_clip.add_model_config(path)
+    return name
+
+
+def resolve_architecture(model: str) -> tuple[str, dict, str]:
+    """-> (name open_clip builds it by, full model config, tokenizer name)."""
+    import open_clip
+    if model.endswith(".json") or os.path.sep in model and not model.startswith(("hf-hub:", "local-dir:")):
+        path = Path(model)
+        if not path.is_file():
+            raise EclipError(f"--model {model}: no such model-config file")
+        try:
+            cfg = json.loads(path.read_text())
+            cfg = cfg.get("model_cfg", cfg)
+            assert "vision_cfg" in cfg and "text_cfg" in cfg and "embed_dim" in cfg
+        except (ValueError, AssertionError):
+            raise EclipError(f"--model {model}: not an open_clip model config (needs embed_dim, vision_cfg, text_cfg)")
+        name = register_config(cfg)
+        return name, cfg, name
+    if model.startswith("hf-hub:"):
+        _require_hub_file(model[len("hf-hub:"):], ["open_clip_config.json"], f"--model {model}")
+        with hub_offline_if_cached(True):
+            cfg = open_clip.get_model_config(model)
+        return model, cfg, model
+    if model.startswith("local-dir:"):
+        folder = Path(model[len("local-dir:"):])
+        if not (folder / "open_clip_config.json").is_file():
+            raise EclipError(f"--model {model}: folder has no open_clip_config.json")
+        return model, open_clip.get_model_config(model), model
+    name = model.replace("/", "-")
+    cfg = open_clip.get_model_config(name)
+    if cfg is None:
+        raise EclipError(f"--model {model}: unknown architecture (see `python -c \"import open_clip; "
+                         f"print(open_clip.list_models())\"`), or pass a model-config JSON file")
+    return name, cfg, name
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False"):
+        return False
+    try:
+        socket.create_connection((HUB_HOST, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _cached_hub_file(repo: str, filenames) -> str | None:
+    from huggingface_hub import try_to_load_from_cache
+    for name in filenames:
+        path = try_to_load_from_cache(repo, name)
+        if isinstance(path, str):
+            return path
+    return None
+
+
+def _require_hub_file(repo: str, filenames, what: str) -> None:
+    if _cached_hub_file(repo, filenames) is None and not _hub_reachable():
+        raise EclipError(f"{what}: {repo} is not in the local Hugging Face cache and the hub is unreachable "
+                         f"(offline?); copy the files to a folder and use local-dir:PATH, or pass "
+                         f"--pretrained /path/to/weights.safetensors")
+
+
+@contextlib.contextmanager
+def hub_offline_if_cached(cached: bool):
+    """Files already cached: stop huggingface_hub from asking the network about them."""
+    old = os.environ.get("HF_HUB_OFFLINE")
+    if cached:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        yield
+    finally:
+        if cached:
+            if old is None:
+                os.environ.pop("HF_HUB_OFFLINE", None)
+            else:
+                os.environ["HF_HUB_OFFLINE"] = old
+
+
+def resolve_pretrained(name: str, pretrained: str | None) -> tuple[str | None, dict]:
+    """-> (weights file or tag to hand to open_clip, the tag's config). Fails at once when offline."""
+    import open_clip
+    from open_clip.pretrained import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
+    if pretrained is None or pretrained.lower() == "none":
+        return None, {}
+    if Path(pretrained).is_file():
+        return pretrained, {}
+    tag_cfg = open_clip.get_pretrained_cfg(name, pretrained)
+    if not tag_cfg:
+        if any(c in pretrained for c in "/\\."):
+            raise EclipError(f"--pretrained {pretrained}: no such weights file")
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        raise EclipError(f"--pretrained {pretrained}: not a known tag for {name} "
+                         f"(known: {', '.join(tags) or 'none'}) and not a file")
+    local = None
+    if tag_cfg.get("hf_hub"):
+        repo, fname = os.path.split(tag_cfg["hf_hub"])
+        local = _cached_hub_file(repo, [fname] if fname else [HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME])
+    if local is None and tag_cfg.get("url"):
+        candidate = Path("~/.cache/clip").expanduser() / os.path.basename(tag_cfg["url"])
+        local = str(candidate) if candidate.is_file() else None
+    if local is None and not _hub_reachable():
+        raise EclipError(
+            f"--pretrained {pretrained}: weights for {name} are not in the local cache and the model hub is "
+            f"unreachable (offline?); download them where the hub is reachable, or pass a local file with "
+            f"--pretrained /path/to/weights.safetensors (or a model-config JSON with --pretrained none)")
+    return local or pretrained, tag_cfg
+
+
+def load_model(spec: ModelSpec | None = None, *, model=None, pretrained=None, checkpoint=None, device=None,
+               precision="fp32", experts: ExpertConfig | None = None, loss: LossConfig | None = None):
+    """Build an EntityCLIP from model options (see README, "Python API")."""
+    spec = spec or ModelSpec(model=model, pretrained=pretrained, checkpoint=checkpoint, device=device,
+                             precision=precision)
+    device = resolve_device(spec.device)
+    if spec.checkpoint:
+        from eclip.checkpoint import load_checkpoint
+        m = load_checkpoint(spec.checkpoint, device=device)
+        return _cast(m, spec.precision)
+    arch = spec.model or DEFAULT_MODEL
+    weights = spec.pretrained
+    if spec.model is None and weights is None:
+        weights = DEFAULT_PRETRAINED
+    name, clip_cfg, tokenizer = resolve_architecture(arch)
+    file_or_tag, tag_cfg = resolve_pretrained(name, weights)
+    m = build(name, clip_cfg, tokenizer, experts or ExpertConfig(), loss or LossConfig(),
+              pretrained=file_or_tag, tag_cfg=tag_cfg, device=device)
+    m.source = {"model": arch, "pretrained": weights, "checkpoint_sha256": None}
+    return _cast(m, spec.precision)
+
+
+def build(name, clip_cfg, tokenizer_name, experts, loss, pretrained=None, tag_cfg=None, device="cpu",
+          preprocess_cfg=None):
+    """Create the open_clip model, its eval transform and tokenizer, and wrap them in EntityCLIP."""
+    import logging
+
+    import open_clip
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+
+    from eclip.model.entityclip import EntityCLIP
+    tag_cfg = tag_cfg or {}
+    quick_gelu = bool(tag_cfg.get("quick_gelu")) and not clip_cfg.get("quick_gelu", False)
+    pp = preprocess_cfg or {k: tag_cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in tag_cfg}
+    cached = pretrained is not None and Path(str(pretrained)).is_file()
+    logging.getLogger().setLevel(logging.ERROR)   # open_clip logs "randomly initialised" at WARNING
+    try:
+        with hub_offline_if_cached(cached or name.startswith("local-dir:")):
+            clip = open_clip.create_model(name, pretrained=pretrained, device=device, force_quick_gelu=quick_gelu,
+                                          force_preprocess_cfg=pp or None)
+    except (RuntimeError, ValueError, KeyError, OSError) as e:
+        raise EclipError(f"could not build {name} with weights {pretrained}: {str(e).splitlines()[0]}")
+    if quick_gelu:
+        clip_cfg = {**clip_cfg, "quick_gelu": True}
+    preprocess_dict = json.loads(json.dumps(dict(clip.visual.preprocess_cfg)))  # tuples -> lists, as in headers
+    preprocess = image_transform_v2(PreprocessCfg(**preprocess_dict), is_train=False)
+    tokenizer = open_clip.get_tokenizer(tokenizer_name)
+    config = EntityCLIPConfig(clip_name=name, clip_config=clip_cfg, preprocess=preprocess_dict,
+                              tokenizer=tokenizer_name,
+                              context_length=clip_cfg.get("text_cfg", {}).get("context_length", 77),
+                              experts=replace(experts), loss=replace(loss))
+    return EntityCLIP(clip, config, preprocess, tokenizer).to(device)
+
+
+def _cast(m, precision: str):
+    import torch
+    if precision in ("fp16", "bf16"):
+        m.to({"fp16": torch.float16, "bf16": torch.bfloat16}[precision])
+    return m

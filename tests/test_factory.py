@@ -1,0 +1,76 @@
+"""Model options: config files, weights files, local-dir:, tags in the local cache, and fast offline failure."""
+import json
+import time
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from conftest import TINY
+from eclip.errors import EclipError
+from eclip.model.factory import load_model, resolve_pretrained
+
+
+def _same_weights(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_pretrained_weights_file_is_loaded(tiny_model, tiny_config_path, tmp_path):
+    weights = tmp_path / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in tiny_model.clip.state_dict().items()}, str(weights))
+    m = load_model(model=str(tiny_config_path), pretrained=str(weights), device="cpu")
+    assert _same_weights(m.clip, tiny_model.clip)
+
+
+def test_local_dir_schema(tiny_model, tmp_path):
+    folder = tmp_path / "my-clip"
+    folder.mkdir()
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY, "preprocess_cfg": {}}))
+    save_file({k: v.contiguous() for k, v in tiny_model.clip.state_dict().items()},
+              str(folder / "open_clip_model.safetensors"))
+    m = load_model(model=f"local-dir:{folder}", device="cpu")
+    assert _same_weights(m.clip, tiny_model.clip)
+
+
+def test_default_model_offline_fails_at_once_with_a_way_out(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.monotonic()
+    with pytest.raises(EclipError) as e:
+        load_model(device="cpu")                      # ViT-B-32 + openai, not cached here
+    assert time.monotonic() - start < 5
+    msg = str(e.value)
+    assert "openai" in msg and "--pretrained" in msg and "\n" not in msg
+
+
+def test_hf_hub_schema_offline_not_cached_fails_fast(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(EclipError, match="hf-hub:someone/not-here"):
+        load_model(model="hf-hub:someone/not-here", device="cpu")
+
+
+def test_tag_found_in_local_hub_cache(monkeypatch, tmp_path):
+    """A tag whose weights sit in the Hugging Face cache resolves to that file without the network."""
+    import huggingface_hub.constants as c
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    repo = tmp_path / "models--timm--vit_base_patch32_clip_224.openai"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc123")
+    snap = repo / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    (snap / "open_clip_model.safetensors").write_bytes(b"x")
+    path, cfg = resolve_pretrained("ViT-B-32", "openai")
+    assert path == str(snap / "open_clip_model.safetensors") and cfg["quick_gelu"] is True
+
+
+@pytest.mark.parametrize("model,pretrained,match", [
+    ("NoSuchNet-9", None, "unknown architecture"),
+    ("missing.json", None, "no such model-config"),
+    ("ViT-B-32", "nonsense-tag", "not a known tag"),
+    ("ViT-B-32", "/nope/weights.safetensors", "no such weights file"),
+])
+def test_bad_model_options_are_one_line_errors(model, pretrained, match, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(EclipError, match=match):
+        load_model(model=model, pretrained=pretrained, device="cpu")
