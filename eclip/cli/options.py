@@ -71,6 +71,7 @@ def user_errors():
         yield
     except EclipError as e:
         sys.stderr.write(f"eclip: error: {e}\n")
+        sys.stderr.flush()  # click.testing reads its buffer without flushing it
         raise typer.Exit(e.exit_code)
     except KeyboardInterrupt:
         sys.stderr.write("eclip: interrupted\n")

@@ -1,0 +1,274 @@
+"""Readers: benchmark folders in their published layouts, or the user's own table, to records.
+
+Every reader returns `Record`s with absolute image paths and fails at once, in one
+line, on a missing folder, a malformed file or an image path that leaves the data
+folder. Readers never open images: a bad image is a per-item problem that train
+and embed skip and log (eclip.data.images), a bad dataset file is not.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+from eclip.data.records import Record
+from eclip.errors import EclipError
+
+BENCHMARKS = ("n24news", "visualnews", "goodnews")
+
+
+def default_data_root(name: str) -> Path:
+    """$ECLIP_DATA/<name>, else ~/.cache/eclip/data/<name>."""
+    base = os.environ.get("ECLIP_DATA")
+    return (Path(base) if base else Path.home() / ".cache" / "eclip" / "data") / name
+
+
+def read_dataset(dataset: str, data_root: Optional[Path] = None, split: str = "train",
+                 explanations: Optional[Path] = None) -> list[Record]:
+    """Records of a benchmark split, or of a .jsonl / .csv file (whose `split` is ignored:
+    one file is one set of pairs).
+
+    With `explanations`, the cache written by `eclip explain` fills each record's explanation.
+    """
+    name = str(dataset).lower()
+    if name in BENCHMARKS:
+        root = Path(data_root).expanduser() if data_root else default_data_root(name)
+        reader = {"n24news": read_n24news, "visualnews": read_visualnews, "goodnews": read_goodnews}[name]
+        records = reader(root, split)
+    elif Path(dataset).suffix.lower() in (".jsonl", ".csv"):
+        records = read_table(dataset)
+    else:
+        raise EclipError(f"--dataset {dataset}: neither a benchmark ({', '.join(BENCHMARKS)}) "
+                         "nor a .jsonl / .csv file")
+    if explanations is not None:
+        from eclip.console import note
+        from eclip.data.explanations import attach_explanations
+        records, missing = attach_explanations(records, explanations)
+        note(f"explanations: {len(records) - missing} of {len(records)} records from {explanations}; "
+             f"{missing} fall back to their caption")
+    return records
+
+
+# --- the three benchmarks ----------------------------------------------------------------
+
+def read_n24news(root, split: str = "train") -> list[Record]:
+    """N24News: ROOT/news/nytimes_{train,dev,test}.json (a JSON list), images ROOT/imgs/{image_id}.jpg.
+
+    The text is the caption, not the headline: captions are what name the pictured entities.
+    """
+    layout = "expected news/nytimes_{train,dev,test}.json and imgs/{image_id}.jpg"
+    root = _root(root, "N24News", layout)
+    name = {"train": "train", "val": "dev", "dev": "dev", "test": "test"}.get(split)
+    if name is None:
+        raise EclipError(f"N24News: unknown split {split!r} (train, val/dev or test)")
+    path = _split_file(root / "news" / f"nytimes_{name}.json", "N24News", layout)
+    items = _json_list(path, ("image_id", "caption"))
+    records = [Record(str(d["image_id"]), _inside(root, f"imgs/{d['image_id']}.jpg", path), d["caption"])
+               for d in items if _has_caption(d, path)]
+    return _checked(records, path, len(items))
+
+
+def read_visualnews(root, split: str = "train") -> list[Record]:
+    """VisualNews: ROOT/{train,val,test}.json (a JSON list), each record's image_path
+    ("./bbc/images/0537/663.jpg") relative to ROOT."""
+    layout = "expected {train,val,test}.json with image_path relative to the data root"
+    root = _root(root, "VisualNews", layout)
+    name = {"train": "train", "val": "val", "dev": "val", "test": "test"}.get(split)
+    if name is None:
+        raise EclipError(f"VisualNews: unknown split {split!r} (train, val/dev or test)")
+    path = _split_file(root / f"{name}.json", "VisualNews", layout)
+    items = _json_list(path, ("id", "caption", "image_path"))
+    records = [Record(str(d["id"]), _inside(root, d["image_path"], path), d["caption"])
+               for d in items if _has_caption(d, path)]
+    return _checked(records, path, len(items))
+
+
+def read_goodnews(root, split: str = "train") -> list[Record]:
+    """GoodNews: ROOT/captioning_dataset.json ({article_id: {"images": {index: caption}, ...}}),
+    ROOT/img_splits.json ({"{article_id}_{index}[.jpg]": "train"|"val"|"test"}), and images
+    {article_id}_{index}.jpg in ROOT/resized/ or else ROOT/images/.
+
+    GoodNews's own scripts download originals into images/ and its preprocessing
+    (resize.py, then its training) reads resized/ (256x256); the prepared copy is
+    preferred when both are there. Images that img_splits.json does not list belong
+    to no split and are left out.
+    """
+    layout = "expected captioning_dataset.json, img_splits.json and resized/ or images/"
+    root = _root(root, "GoodNews", layout)
+    name = {"train": "train", "val": "val", "dev": "val", "test": "test"}.get(split)
+    if name is None:
+        raise EclipError(f"GoodNews: unknown split {split!r} (train, val/dev or test)")
+    data_path = _split_file(root / "captioning_dataset.json", "GoodNews", layout)
+    splits_path = _split_file(root / "img_splits.json", "GoodNews", layout)
+    folder = next((f for f in ("resized", "images") if (root / f).is_dir()), None)
+    if folder is None:
+        raise EclipError(f"{root}: GoodNews image folder not found ({layout})")
+    splits = _load_json(splits_path)
+    if not isinstance(splits, dict):
+        raise EclipError(f"{splits_path}: expected a JSON object {{image name: split}}")
+    wanted = {str(k).removesuffix(".jpg") for k, v in splits.items() if v == name}
+    articles = _load_json(data_path)
+    if not isinstance(articles, dict):
+        raise EclipError(f"{data_path}: expected a JSON object keyed by article id")
+    records, seen = [], 0
+    for article_id, article in articles.items():
+        images = article.get("images") if isinstance(article, dict) else None
+        if not isinstance(images, dict):
+            raise EclipError(f"{data_path}: article {article_id!r} lacks an 'images' object")
+        for index, caption in images.items():
+            image_id = f"{article_id}_{index}"
+            if image_id not in wanted:
+                continue
+            seen += 1
+            if isinstance(caption, str) and caption.strip():
+                records.append(Record(image_id, _inside(root, f"{folder}/{image_id}.jpg", data_path), caption))
+    return _checked(records, data_path, seen)
+
+
+# --- the user's own pairs ----------------------------------------------------------------
+
+def read_table(path) -> list[Record]:
+    """A .jsonl or .csv file of pairs: `image` (relative to the file's folder, or absolute),
+    `text` (`caption` is accepted too, so `Record.to_dict` lines read back), and optional
+    `id` (default: the line number), `explanation` and `entities` (a JSON list; in CSV, a
+    JSON string)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise EclipError(f"{path}: dataset file not found")
+    folder = path.resolve().parent
+    records = []
+    for line, row in (_jsonl_rows(path) if path.suffix.lower() == ".jsonl" else _csv_rows(path)):
+        where = f"{path} line {line}"
+        image, text = row.get("image"), row.get("text", row.get("caption"))
+        for field, value in (("image", image), ("text", text)):
+            if not isinstance(value, str) or not value.strip():
+                raise EclipError(f"{where}: missing field '{field}'")
+        image_path = Path(image).expanduser()
+        if not image_path.is_absolute():   # absolute paths are the user's own choice
+            image_path = Path(_inside(folder, image, where))
+        explanation = row.get("explanation") or None
+        if explanation is not None and not isinstance(explanation, str):
+            raise EclipError(f"{where}: 'explanation' is not text")
+        rid = row.get("id")
+        records.append(Record(str(line) if rid in (None, "") else str(rid), str(image_path), text,
+                              explanation, _entities(row.get("entities"), where)))
+    return _checked(records, path, len(records))
+
+
+def _jsonl_rows(path):
+    with open(path, encoding="utf-8-sig") as f:
+        for line, text in enumerate(f, start=1):
+            if not text.strip():
+                continue
+            try:
+                row = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise EclipError(f"{path} line {line}: invalid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise EclipError(f"{path} line {line}: expected a JSON object")
+            yield line, row
+
+
+def _csv_rows(path):
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        reader = csv.DictReader(f)
+        try:
+            for row in reader:
+                yield reader.line_num, row
+        except csv.Error as e:
+            raise EclipError(f"{path} line {reader.line_num}: {e}") from None
+
+
+def _entities(value, where: str) -> list:
+    """[{"text", "type"}, ...] from a list (JSONL) or a JSON string (CSV); bare strings get type ""."""
+    if value in (None, ""):
+        return []
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise EclipError(f"{where}: 'entities' is not a JSON list") from None
+    if not isinstance(value, list):
+        raise EclipError(f"{where}: 'entities' is not a list")
+    out = []
+    for e in value:
+        if isinstance(e, str):
+            e = {"text": e, "type": ""}
+        if not isinstance(e, dict) or not isinstance(e.get("text"), str):
+            raise EclipError(f"{where}: each entity needs a 'text'")
+        out.append({"text": e["text"], "type": str(e.get("type") or "")})
+    return out
+
+
+# --- shared checks -----------------------------------------------------------------------
+
+def _root(root, benchmark: str, layout: str) -> Path:
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise EclipError(f"{root}: {benchmark} data root not found ({layout}; "
+                         "pass --data-root or set $ECLIP_DATA)")
+    return root.resolve()
+
+
+def _split_file(path: Path, benchmark: str, layout: str) -> Path:
+    if not path.is_file():
+        raise EclipError(f"{path}: {benchmark} file not found ({layout})")
+    return path
+
+
+def _load_json(path: Path):
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise EclipError(f"{path} line {e.lineno}: invalid JSON ({e.msg})") from None
+    except UnicodeDecodeError:
+        raise EclipError(f"{path}: not UTF-8 text") from None
+
+
+def _json_list(path: Path, fields) -> list[dict]:
+    items = _load_json(path)
+    if not isinstance(items, list):
+        raise EclipError(f"{path}: expected a JSON list of records")
+    for i, d in enumerate(items):
+        missing = [k for k in fields if not isinstance(d, dict) or k not in d]
+        if missing:
+            raise EclipError(f"{path}: record {i} lacks '{missing[0]}'")
+    return items
+
+
+def _has_caption(d: dict, path: Path) -> bool:
+    """Benchmarks hold a few pairs without a caption: nothing to match, so they are left out."""
+    caption = d["caption"]
+    if caption is not None and not isinstance(caption, str):
+        raise EclipError(f"{path}: caption of record {d.get('id', d.get('image_id'))!r} is not text")
+    return bool(caption and caption.strip())
+
+
+def _inside(root: Path, relative: str, where) -> str:
+    """The absolute path of `relative` under `root`, refusing any that leaves it.
+
+    Lexical (normpath), not Path.resolve: resolving each of a million files is slow on
+    network disks, and a symlinked image folder inside the root is a normal set-up.
+    `root` itself is resolved once by the caller.
+    """
+    path = Path(os.path.normpath(root / str(relative)))
+    if not path.is_relative_to(root):
+        raise EclipError(f"{where}: image path {relative!r} leaves {root}")
+    return str(path)
+
+
+def _checked(records: list[Record], path, total: int) -> list[Record]:
+    """Refuse duplicate ids (they would merge two pairs in every id-keyed output) and say
+    how many pairs without a caption were left out."""
+    seen = set()
+    for r in records:
+        if r.id in seen:
+            raise EclipError(f"{path}: duplicate id {r.id!r}")
+        seen.add(r.id)
+    if total > len(records):
+        from eclip.console import note
+        note(f"{path}: left out {total - len(records)} of {total} pairs without a caption")
+    return records
