@@ -57,3 +57,60 @@ class EntityCLIPConfig:
         d["experts"] = ExpertConfig(**d.get("experts", {}))
         d["loss"] = LossConfig(**d.get("loss", {}))
         return cls(**d)
+
+
+@dataclass
+class TrainConfig:
+    """One training run (`eclip train`); saved as RUN_DIR/config.json so `--resume RUN_DIR` alone
+    continues it. Defaults follow the reference setup in METHOD.md.
+
+    `batch_size` is the global batch: the pairs whose contrastive negatives are shared in one
+    forward pass, split evenly over the processes (N processes with batch_size B train like
+    one process with B). `grad_accum` sums gradients of several such batches per optimizer
+    step; it saves memory but does not add negatives. Steps (`eval_every`, `save_every`,
+    `log_every`, `warmup_steps`) count optimizer steps.
+    """
+    output: str                           # RUN_DIR
+    dataset: Optional[str] = None         # n24news | visualnews | goodnews | FILE.jsonl / FILE.csv
+    data_root: Optional[str] = None       # None: $ECLIP_DATA/<dataset> or ~/.cache/eclip/data/<dataset>
+    val_dataset: Optional[str] = None     # None: the benchmark's val split, or FILE with train -> val
+    explanations: Optional[str] = None    # explanation cache from `eclip explain`
+    train_split: str = "train"
+    val_split: str = "val"
+    model: Optional[str] = None
+    pretrained: Optional[str] = None
+    checkpoint: Optional[str] = None
+    device: Optional[str] = None
+    precision: str = "fp32"               # mixed precision through Accelerate; weights stay fp32
+    epochs: int = 20
+    batch_size: int = 192
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    grad_accum: int = 1
+    seed: int = 42
+    lock_image: bool = False
+    lock_text: bool = False
+    eta: Optional[float] = None           # None: LossConfig's default (or the checkpoint's)
+    lam: Optional[float] = None
+    vision_experts: Optional[int] = None  # None: ExpertConfig's default (or the checkpoint's)
+    text_experts: Optional[int] = None
+    shared_experts: Optional[int] = None
+    no_experts: bool = False              # plain CLIP fine-tuning: the baseline
+    workers: int = 4
+    eval_every: int = 0                   # 0: validate at the end of each epoch only
+    save_every: int = 0                   # 0: save the resumable state at the end of each epoch only
+    log_every: int = 10
+    tensorboard: bool = True              # when the tensorboard package is installed
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def model_spec(self) -> ModelSpec:
+        return ModelSpec(model=self.model, pretrained=self.pretrained, checkpoint=self.checkpoint,
+                         device=self.device, precision=self.precision)

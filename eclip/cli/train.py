@@ -1,7 +1,147 @@
-"""`eclip train`: (being written)."""
+"""`eclip train`: fine-tune EntityCLIP (or plain CLIP with --no-experts) on image-text pairs."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import typer
+from typing_extensions import Annotated
+
 from eclip.cli import app
+from eclip.cli.options import (Checkpoint, DataRoot, Dataset, Device, Explanations, Json, Model, Precision,
+                               Pretrained, model_spec, user_errors)
+
+OPT, EXP, RUN = "Optimisation (defaults: METHOD.md)", "EntityCLIP", "Run"
+
+HELP = """Fine-tune EntityCLIP on image-text pairs (or plain CLIP with --no-experts, the baseline).
+
+The same command runs on CPU, one GPU, or many under `torchrun --nproc_per_node N -m eclip train ...`
+(or `accelerate launch -m eclip train ...`). --batch-size is the GLOBAL batch, split over the processes;
+contrastive negatives are gathered across them, so N processes train like one with the same batch.
+
+RUN_DIR (--output) receives config.json, log.jsonl, skipped.jsonl, best.safetensors (the first
+validation with the highest val rsum = R@1+5+10 of both directions; later ties do not replace it),
+last.safetensors, curves.png, summary.json and state/ (saved atomically each epoch and every
+--save-every steps). `eclip train --resume RUN_DIR` continues exactly where the last state left off.
+"""
 
 
-@app.command(help="(not yet implemented)")
-def train():
-    raise SystemExit("eclip train: not yet implemented")
+def _opt(panel: str, default: str | None = None, help: str = "", *names: str, **kw):
+    """A typer option whose own default is None (so --resume can tell what was given) but whose
+    help shows the real default."""
+    return typer.Option(*names, rich_help_panel=panel, help=help, show_default=default or False, **kw)
+
+
+OptInt, OptFloat, OptBool, OptPath = Optional[int], Optional[float], Optional[bool], Optional[Path]
+
+
+@app.command(help=HELP, no_args_is_help=True)
+def train(
+    dataset: Dataset = None,
+    output: Annotated[OptPath, _opt(RUN, "runs/<dataset>", "RUN_DIR: a new folder for this run.",
+                                    "--output", "-o")] = None,
+    resume: Annotated[OptPath, _opt(
+        RUN, None, "Continue the run in RUN_DIR with its saved options (--epochs, --workers, --eval-every, "
+        "--save-every, --log-every, --device, --tensorboard may be changed).", "--resume", metavar="RUN_DIR")] = None,
+    data_root: DataRoot = None,
+    val_dataset: Annotated[Optional[str], _opt(
+        "Data", None, "Validation pairs. Default: the benchmark's val split, or for FILE the file beside it "
+        "with 'train' replaced by 'val' in its name.", "--val-dataset")] = None,
+    explanations: Explanations = None,
+    model: Model = None,
+    pretrained: Pretrained = None,
+    checkpoint: Checkpoint = None,
+    device: Device = None,
+    precision: Annotated[Optional[Precision], _opt(
+        "Model", "fp32", "Mixed precision through Accelerate (weights stay fp32).", "--precision")] = None,
+    epochs: Annotated[OptInt, _opt(OPT, "20", min=1)] = None,
+    batch_size: Annotated[OptInt, _opt(OPT, "192", "GLOBAL batch (all processes together); an incomplete "
+                                                   "last batch is dropped.", min=1)] = None,
+    lr: Annotated[OptFloat, _opt(OPT, "1e-5", "Peak learning rate (AdamW).", min=0.0)] = None,
+    weight_decay: Annotated[OptFloat, _opt(OPT, "0", min=0.0)] = None,
+    warmup_steps: Annotated[OptInt, _opt(OPT, "0", "Linear warm-up steps, then cosine decay to 0 over "
+                                                   "all steps.", min=0)] = None,
+    grad_accum: Annotated[OptInt, _opt(OPT, "1", "Batches per optimizer step (saves memory; negatives "
+                                                 "still come from one batch).", min=1)] = None,
+    seed: Annotated[OptInt, _opt(OPT, "42")] = None,
+    lock_image: Annotated[OptBool, _opt(OPT, None, "Freeze the image tower.", "--lock-image")] = None,
+    lock_text: Annotated[OptBool, _opt(OPT, None, "Freeze the text tower.", "--lock-text")] = None,
+    eta: Annotated[OptFloat, _opt(EXP, "0.1", "Weight of the GI-ITM matching loss.", min=0.0)] = None,
+    lam: Annotated[OptFloat, _opt(EXP, "0.1", "Weight of VTC on the experts' V*, T*.", "--lambda",
+                                  min=0.0)] = None,
+    vision_experts: Annotated[OptInt, _opt(EXP, "4", min=0)] = None,
+    text_experts: Annotated[OptInt, _opt(EXP, "4", min=0)] = None,
+    shared_experts: Annotated[OptInt, _opt(EXP, "4", min=0)] = None,
+    no_experts: Annotated[OptBool, _opt(EXP, None, "Plain CLIP fine-tuning (contrastive loss only): the "
+                                                   "baseline to compare EntityCLIP with.", "--no-experts")] = None,
+    workers: Annotated[OptInt, _opt(RUN, "4", "Image-loading processes.", min=0)] = None,
+    eval_every: Annotated[OptInt, _opt(RUN, "0", "Also validate every N optimizer steps (0: at the end of "
+                                                 "each epoch only).", min=0)] = None,
+    save_every: Annotated[OptInt, _opt(RUN, "0", "Also save the resumable state every N optimizer steps "
+                                                 "(0: at the end of each epoch only).", min=0)] = None,
+    log_every: Annotated[OptInt, _opt(RUN, "10", "Log the mean losses every N optimizer steps.", min=1)] = None,
+    tensorboard: Annotated[OptBool, _opt(RUN, "on", "Write RUN_DIR/tensorboard (when the tensorboard "
+                                                    "package is installed).", "--tensorboard/--no-tensorboard")] = None,
+    json_out: Json = False,
+):
+    with user_errors():
+        from eclip.config import TrainConfig
+        from eclip.errors import EclipError
+        from eclip.train import resume_config
+        from eclip.train import train as run_training
+
+        spec = model_spec(model, pretrained, checkpoint, device, precision)
+        given = {
+            "dataset": dataset, "data_root": str(data_root) if data_root else None, "val_dataset": val_dataset,
+            "explanations": str(explanations) if explanations else None, "model": spec.model,
+            "pretrained": spec.pretrained, "checkpoint": spec.checkpoint, "device": spec.device,
+            "precision": spec.precision, "epochs": epochs, "batch_size": batch_size, "lr": lr,
+            "weight_decay": weight_decay, "warmup_steps": warmup_steps, "grad_accum": grad_accum, "seed": seed,
+            "lock_image": lock_image, "lock_text": lock_text, "eta": eta, "lam": lam,
+            "vision_experts": vision_experts, "text_experts": text_experts, "shared_experts": shared_experts,
+            "no_experts": no_experts, "workers": workers, "eval_every": eval_every, "save_every": save_every,
+            "log_every": log_every, "tensorboard": tensorboard,
+        }
+        if resume is not None:
+            config = resume_config(resume, output=str(output) if output else None, **given)
+        else:
+            if dataset is None:
+                raise EclipError("--dataset is required for a new run (or --resume RUN_DIR)")
+            output = output or default_output(dataset)
+            config = TrainConfig(output=str(output), **{k: v for k, v in given.items() if v is not None})
+        summary = run_training(config, resume=resume is not None)
+        if os.environ.get("RANK", "0") == "0":    # under torchrun / accelerate launch: print once
+            _print(summary, json_out)
+
+
+def default_output(dataset: str) -> Path:
+    """runs/n24news for a benchmark, runs/<folder>-<stem> for a file (runs/flags-train): the same name
+    in every process of a multi-process launch."""
+    path = Path(dataset)
+    if path.suffix.lower() not in (".jsonl", ".csv"):
+        return Path("runs") / dataset.lower()
+    return Path("runs") / (f"{path.resolve().parent.name}-{path.stem}" if path.resolve().parent.name else path.stem)
+
+
+def _print(summary: dict, as_json: bool) -> None:
+    from eclip.console import out, print_json
+    if as_json:
+        print_json(summary)
+        return
+    from rich.table import Table
+    table = Table(title="eclip train", show_header=False)
+    best = summary["best_val_rsum"]
+    rows = [("best val rsum", "-" if best is None else f"{best:.2f}"),
+            ("at epoch / step", f"{summary['best_epoch']} / {summary['best_step']}")]
+    last = summary.get("last_val") or {}
+    for key, label in (("t2i_r1", "last val R@1 text->image"), ("i2t_r1", "last val R@1 image->text")):
+        if key in last:
+            rows.append((label, f"{last[key]:.2f}"))
+    rows += [("steps", str(summary["steps"])), ("skipped images", str(summary["skipped_images"])),
+             ("time", f"{summary['elapsed_s']:.1f} s"), ("best checkpoint", summary["best_checkpoint"]),
+             ("last checkpoint", summary["last_checkpoint"]), ("log", summary["log"]),
+             ("curves", summary["curves"] or "-")]
+    for key, value in rows:
+        table.add_row(key, value)
+    out.print(table)

@@ -75,7 +75,8 @@ def load_image(path) -> Image.Image:
         raise ImageError(path, "empty file" if empty else "not an image") from None
     except (OSError, ValueError, SyntaxError, EOFError) as e:
         text = str(e)
-        if "truncated" in text or "broken data stream" in text or isinstance(e, EOFError):
+        low = text.lower()
+        if "truncated" in low or "broken data stream" in low or isinstance(e, EOFError):
             raise ImageError(path, "truncated") from None
         raise ImageError(path, f"unreadable ({type(e).__name__}: {text[:120]})") from None
 

@@ -62,41 +62,43 @@ class EntityCLIP(nn.Module):
         drawn as each other's negatives. `generator` makes negative sampling reproducible.
         """
         b = images.shape[0]
+        scale = self.logit_scale
+        if self.experts is None:       # plain CLIP fine-tuning: explanations are not needed
+            vtc = vtc_loss(self.encode_images(images), self.encode_texts(captions), scale)
+            return {"loss": vtc, "vtc": vtc.detach()}
         v_tok, v_cls = image_tokens(self.clip, images)                       # [b,1+P,D], [b,D]
         t_all, t_pool, _, pad_all = text_tokens(self.clip, torch.cat([captions, explanations]))
         t_tok, e_tok, t_cls = t_all[:b], t_all[b:], t_pool[:b]                # [b,L,D] x2, [b,D]
         t_pad, e_pad = pad_all[:b], pad_all[b:]
-        scale = self.logit_scale
         vtc = vtc_loss(F.normalize(v_cls, dim=-1), F.normalize(t_cls, dim=-1), scale)
-        if self.experts is None:
-            return {"loss": vtc, "vtc": vtc.detach()}
 
         ex = self.experts
+        e_kv = ex.shared_keys_values(e_tok)                                   # once per step
         vision = ex.vision_outputs(v_cls, v_tok)                              # [b,nv,D]
-        image_side = torch.cat([vision, ex.shared_outputs(v_cls, e_tok, e_pad)], dim=1)
+        image_side = torch.cat([vision, ex.shared_outputs(v_cls, e_kv, e_pad)], dim=1)
         text_side = torch.cat([ex.text_outputs(t_cls, t_tok, t_pad),
-                               ex.shared_outputs(t_cls, e_tok, e_pad)], dim=1)  # [b,nt+ns,D]
+                               ex.shared_outputs(t_cls, e_kv, e_pad)], dim=1)  # [b,nt+ns,D]
         v_star = ex.gated(image_side, v_cls, ex.image_gate)
         t_star = ex.gated(text_side, t_cls, ex.text_gate)
         vtc_star = vtc_loss(v_star, t_star, scale)
 
-        gfm = self._matching_loss(v_cls, t_cls, vision, image_side, text_side, e_tok, e_pad,
+        gfm = self._matching_loss(v_cls, t_cls, vision, image_side, text_side, e_kv, e_pad,
                                   group_ids, generator)
         loss = vtc + self.config.loss.eta * gfm + self.config.loss.lam * vtc_star
         return {"loss": loss, "vtc": vtc.detach(), "gfm": gfm.detach(), "vtc_star": vtc_star.detach()}
 
-    def _matching_loss(self, v_cls, t_cls, vision, image_side, text_side, e_tok, e_pad, group_ids, generator):
+    def _matching_loss(self, v_cls, t_cls, vision, image_side, text_side, e_kv, e_pad, group_ids, generator):
         """L_GFM over positives, (image, hard negative caption) and (hard negative image, caption).
 
         Negatives come from the global batch: what a pair needs from another process (its
-        tokens, expert outputs) is gathered with gradient. Each negative caption brings its
+        explanation's keys/values, expert outputs) is gathered with gradient. Each negative caption brings its
         own explanation and its own EOT read-out (its text-side expert outputs).
         """
         ex, b = self.experts, v_cls.shape[0]
         rank, _ = world()
         v_all, t_all = gather(v_cls), gather(t_cls)
         vision_all, text_side_all = gather(vision), gather(text_side)
-        e_tok_all, e_pad_all = gather(e_tok), gather(e_pad)
+        e_kv_all, e_pad_all = [(gather(k), gather(v)) for k, v in e_kv], gather(e_pad)
         n = v_all.shape[0]
         local = torch.arange(b, device=v_cls.device) + rank * b
         ids = group_ids if group_ids is not None else local
@@ -113,12 +115,12 @@ class EntityCLIP(nn.Module):
         r = (neg_text >= 0).nonzero().squeeze(1)
         if r.numel():          # image r with a hard negative caption j (and j's explanation)
             j = neg_text[r]
-            img = torch.cat([vision[r], ex.shared_outputs(v_cls[r], e_tok_all[j], e_pad_all[j])], dim=1)
+            img = torch.cat([vision[r], ex.shared_outputs(v_cls[r], e_kv_all, e_pad_all, rows=j)], dim=1)
             pairs.append((v_cls[r], t_all[j], torch.cat([img, text_side_all[j]], dim=1), 0))
         r = (neg_image >= 0).nonzero().squeeze(1)
         if r.numel():          # hard negative image k with caption r (and r's explanation)
             k = neg_image[r]
-            img = torch.cat([vision_all[k], ex.shared_outputs(v_all[k], e_tok[r], e_pad[r])], dim=1)
+            img = torch.cat([vision_all[k], ex.shared_outputs(v_all[k], e_kv, e_pad, rows=r)], dim=1)
             pairs.append((v_all[k], t_cls[r], torch.cat([img, text_side[r]], dim=1), 0))
 
         logits = self.itm(torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs]),

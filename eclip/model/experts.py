@@ -29,12 +29,28 @@ class ExpertBlock(nn.Module):
         hidden = int(width * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(width, hidden), QuickGELU(), nn.Linear(hidden, width))
 
-    def forward(self, query: torch.Tensor, keys: torch.Tensor, key_padding: torch.Tensor | None = None):
-        """query [B, D] (the raw token read out), keys [B, L, D], key_padding [B, L] True = ignore -> [B, D]."""
-        q = self.ln_1(query)[:, None]
+    def keys_values(self, keys: torch.Tensor):
+        """keys [B, L, D] -> (k, v) projections, computed once and reused by every query that
+        attends to the same tokens (the shared experts read one explanation from four places)."""
+        d = keys.shape[-1]
         kv = self.ln_context(keys) if self.ln_context is not None else self.ln_1(keys)
-        x = query + self.attn(q, kv, kv, key_padding_mask=key_padding, need_weights=False)[0][:, 0]
+        w, b = self.attn.in_proj_weight, self.attn.in_proj_bias
+        return F.linear(kv, w[d:2 * d], b[d:2 * d]), F.linear(kv, w[2 * d:], b[2 * d:])
+
+    def attend(self, query, k, v, key_padding=None):
+        """query [B, D] (the raw token read out) against projected k, v [B, L, D] -> [B, D]."""
+        (n, length, d), h = k.shape, self.attn.num_heads
+        w, b = self.attn.in_proj_weight, self.attn.in_proj_bias
+        q = F.linear(self.ln_1(query), w[:d], b[:d]).view(n, h, 1, d // h)
+        k, v = (t.view(n, length, h, d // h).transpose(1, 2) for t in (k, v))
+        mask = None if key_padding is None else ~key_padding[:, None, None, :]   # True = attend
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).reshape(n, d)
+        x = query + self.attn.out_proj(out)
         return x + self.mlp(self.ln_2(x))
+
+    def forward(self, query: torch.Tensor, keys: torch.Tensor, key_padding: torch.Tensor | None = None):
+        """query [B, D], keys [B, L, D], key_padding [B, L] True = ignore -> [B, D]."""
+        return self.attend(query, *self.keys_values(keys), key_padding)
 
 
 def _group(n: int, width: int, cfg: ExpertConfig, cross: bool = False) -> nn.ModuleList:
@@ -61,9 +77,16 @@ class MultimodalExperts(nn.Module):
         """-> [B, n_text, D]: self-attention over the caption tokens, read at EOT."""
         return torch.stack([e(t_eot, t_tokens, t_padding) for e in self.text], dim=1)
 
-    def shared_outputs(self, query, e_tokens, e_padding):
-        """-> [B, n_shared, D]: `query` (V_cls or T_eot) attends to explanation tokens E."""
-        return torch.stack([e(query, e_tokens, e_padding) for e in self.shared], dim=1)
+    def shared_keys_values(self, e_tokens) -> list:
+        """Per shared expert, (k, v) of the explanation tokens E [B, L, D]."""
+        return [e.keys_values(e_tokens) for e in self.shared]
+
+    def shared_outputs(self, query, e_kv: list, e_padding, rows=None):
+        """-> [B, n_shared, D]: `query` (V_cls or T_eot) attends to explanation tokens E,
+        given as `shared_keys_values(E)`; `rows` picks which explanation each query reads."""
+        pick = (lambda t: t) if rows is None else (lambda t: t[rows])
+        pad = pick(e_padding)
+        return torch.stack([e.attend(query, pick(k), pick(v), pad) for e, (k, v) in zip(self.shared, e_kv)], dim=1)
 
     @staticmethod
     def gated(outputs: torch.Tensor, cls: torch.Tensor, gate: nn.Linear) -> torch.Tensor:

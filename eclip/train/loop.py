@@ -1,0 +1,237 @@
+"""The training loop: a plain loop over batches; Accelerate handles devices, precision and processes.
+
+    eclip train --dataset n24news --pretrained openai --output runs/n24          # one device
+    torchrun --nproc_per_node 8 -m eclip train --dataset n24news --output runs/n24   # eight
+    eclip train --resume runs/n24                                                # after a stop
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import replace
+
+import torch
+
+from eclip.config import TrainConfig
+from eclip.errors import EclipError
+from eclip.train.record import Recorder, announce, plot_curves
+from eclip.train.rundir import RunDir
+from eclip.train.step import clamp_logit_scale, common_batch, forward_backward, negatives_generator
+
+LOSSES = ("loss", "vtc", "gfm", "vtc_star")
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> dict:
+    """Train; return the summary. `resume=True` continues the run in `cfg.output` from its last
+    saved state (the same next batch, learning rate and random streams).
+
+    best.safetensors is the model at the validation with the highest val rsum (R@1+5+10 of
+    both directions); a later validation that only ties it does not replace it.
+    last.safetensors is the model at the latest saved state.
+    """
+    trainer = None
+    try:
+        trainer = Trainer(cfg, resume)
+        return trainer.fit()
+    except KeyboardInterrupt:
+        raise EclipError(f"interrupted; continue with: eclip train --resume {cfg.output}", exit_code=130) from None
+    finally:
+        if trainer is not None:
+            trainer.close()
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, resume: bool):
+        from accelerate.utils import set_seed
+
+        from eclip.data.dataset import PairDataset, SkipLog
+        from eclip.train.setup import (build_model, cosine_schedule, group_ids, make_accelerator, make_optimizer,
+                                       pair_loader, read_splits, val_source)
+        if not cfg.dataset:
+            raise EclipError("--dataset is required (or --resume RUN_DIR to continue a run)")
+        self.run = RunDir(cfg.output)
+        self.acc = acc = make_accelerator(cfg)
+        self.main = acc.is_main_process
+        if not resume:
+            self.run.check_fresh()
+        set_seed(cfg.seed)
+        model = build_model(cfg)
+        self.train_records, self.val_records = read_splits(cfg)
+        self.cfg = cfg = replace(cfg, val_dataset=val_source(cfg))
+        acc.wait_for_everyone()          # every process checked the folder before it is written
+        if self.main:
+            self.run.write_config(cfg)   # on resume too: changed --epochs etc. hold for the next resume
+            if resume:
+                self.run.clean_state()
+        acc.wait_for_everyone()
+
+        self.experts = model.experts is not None
+        self.ids = group_ids(self.train_records).to(acc.device)
+        self.val_ids = group_ids(self.val_records)
+        loader = pair_loader(self.train_records, model, cfg.batch_size, cfg.workers, seed=cfg.seed)
+        self.batches_per_epoch = len(loader)
+        self.total_steps = cfg.epochs * math.ceil(self.batches_per_epoch / cfg.grad_accum)
+        optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, acc.device.type)
+        scheduler = cosine_schedule(optimizer, self.total_steps, cfg.warmup_steps)
+        self.val_set = PairDataset(self.val_records, model.preprocess, model.tokenizer)
+        self.model, self.optimizer, self.loader, self.scheduler = acc.prepare(model, optimizer, loader, scheduler)
+        self.core = acc.unwrap_model(self.model)
+
+        latest = self._restore(resume)
+        self.rec = Recorder(self.run.path, self.main, cfg.tensorboard, self.t["step"], self.total_steps)
+        self.skiplog = SkipLog(self.run / "skipped.jsonl") if self.main else None
+        self.start = time.perf_counter() - self.t["elapsed_s"]
+        self._reset_window()
+        where = f"from step {self.t['step']}" if latest else "from the start"
+        announce(f"training {len(self.train_records)} pairs ({self.batches_per_epoch} batches of {cfg.batch_size} "
+                 f"per epoch, {self.total_steps} optimizer steps) on {acc.num_processes} process(es), "
+                 f"{acc.device.type}, {cfg.precision}, {'EntityCLIP' if self.experts else 'plain CLIP'}; "
+                 f"{where}; validating on {len(self.val_records)} pairs", self.main)
+
+    def _restore(self, resume: bool):
+        """Trainer record (step, epoch, best so far, ...) and, when resuming, the last saved state."""
+        self.t = {"step": 0, "epoch": 0, "batch": 0, "best_rsum": None, "best_epoch": None, "best_step": None,
+                  "val": None, "samples": 0, "elapsed_s": 0.0, "log_bytes": 0, "skipped_bytes": 0,
+                  "skipped_train": [], "skipped_val": []}
+        latest = self.run.latest_state() if resume else None
+        if latest:
+            self.acc.load_state(str(latest[0]))
+            self.t.update(latest[1])
+        if resume and self.main:
+            self.run.rewind(self.t)
+        return latest
+
+    # ---- the loop ----
+    def fit(self) -> dict:
+        for epoch in range(self.t["epoch"], self.cfg.epochs):
+            self._epoch(epoch)
+            self.t["epoch"], self.t["batch"] = epoch + 1, 0
+            self._validate(epoch + 1)
+            self._save()
+        return self._summary()
+
+    def _epoch(self, epoch: int) -> None:
+        acc, cfg, t = self.acc, self.cfg, self.t
+        self.loader.set_epoch(epoch)
+        start = t["batch"]
+        batches = acc.skip_first_batches(self.loader, start) if start else self.loader
+        self.model.train()
+        for i, batch in enumerate(batches, start=start):
+            batch, skipped = common_batch(acc, batch)
+            self._skipped(skipped, self.train_records, "skipped_train")
+            if batch is None:
+                continue
+            lr = self.scheduler.get_last_lr()[0]
+            generator = negatives_generator(cfg.seed, epoch * self.batches_per_epoch + i)
+            with acc.accumulate(self.model):
+                out = forward_backward(acc, self.model, batch, self.ids[batch["indices"]], generator, self.experts)
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad()
+            self._track(out, len(batch["indices"]) * acc.num_processes)
+            if not acc.sync_gradients:
+                continue
+            clamp_logit_scale(self.core)
+            t["step"] += 1
+            t["batch"] = i + 1
+            last = i + 1 == self.batches_per_epoch
+            self.rec.update(t["step"], epoch, cfg.epochs, loss=float(out["loss"].detach()), lr=lr,
+                            sps=self._pairs_per_s(), skipped=len(t["skipped_train"]))
+            if t["step"] % cfg.log_every == 0 or last:
+                self._log(epoch, lr)
+            if last:
+                break     # the epoch's end validates and saves
+            if cfg.eval_every and t["step"] % cfg.eval_every == 0:
+                self._validate(epoch + 1)
+            if cfg.save_every and t["step"] % cfg.save_every == 0:
+                self._save()
+
+    # ---- numbers ----
+    def _reset_window(self) -> None:
+        self.window = {k: 0.0 for k in LOSSES}
+        self.window_batches, self.window_pairs, self.window_start = 0, 0, time.perf_counter()
+
+    def _track(self, out: dict, pairs: int) -> None:
+        for k in LOSSES:
+            if k in out:
+                self.window[k] = self.window[k] + out[k].detach().float()
+        self.window_batches += 1
+        self.window_pairs += pairs
+        self.t["samples"] += pairs
+
+    def _pairs_per_s(self) -> float:
+        return self.window_pairs / max(1e-9, time.perf_counter() - self.window_start)
+
+    def _log(self, epoch: int, lr: float) -> None:
+        keys = [k for k in LOSSES if torch.is_tensor(self.window[k])]
+        means = self.acc.reduce(torch.stack([self.window[k] for k in keys]), "mean") / self.window_batches
+        line = {"step": self.t["step"], "epoch": epoch + 1, "lr": lr, **dict(zip(keys, means.tolist())),
+                "logit_scale": float(self.core.logit_scale.detach()), "pairs_per_s": self._pairs_per_s(),
+                "skipped": len(self.t["skipped_train"]), "elapsed_s": time.perf_counter() - self.start}
+        self.rec.write("train", line)
+        self._reset_window()
+
+    def _skipped(self, items, records, key: str) -> None:
+        """Unreadable images: listed once in skipped.jsonl (the first time they are met), counted."""
+        seen = set(self.t[key])
+        new = sorted({int(i): r for i, r in items if int(i) not in seen}.items())
+        if new:
+            self.t[key] = sorted(seen | {i for i, _ in new})
+            if self.skiplog is not None:
+                self.skiplog.write_skipped(new, records)
+
+    # ---- validation and saving ----
+    def _validate(self, epoch: int) -> None:
+        from eclip.checkpoint import save_checkpoint
+        from eclip.train.validate import validate
+        cfg, t = self.cfg, self.t
+        metrics, skipped = validate(self.acc, self.model, self.val_set, self.val_ids,
+                                    max(1, cfg.batch_size // self.acc.num_processes), cfg.workers)
+        self._skipped(skipped, self.val_records, "skipped_val")
+        if metrics is None:
+            announce(f"step {t['step']}: no readable validation image; nothing to compare", self.main)
+            return
+        values = {"step": t["step"], "epoch": epoch, **metrics}
+        best = t["best_rsum"] is None or metrics["rsum"] > t["best_rsum"]
+        t["val"] = values
+        if best:
+            t["best_rsum"], t["best_epoch"], t["best_step"] = metrics["rsum"], epoch, t["step"]
+            if self.main:
+                save_checkpoint(self.core, self.run / "best.safetensors",
+                                extra={"step": t["step"], "epoch": epoch, "val_rsum": metrics["rsum"]})
+        self.rec.validation(values, best)
+
+    def _save(self) -> None:
+        from eclip.checkpoint import save_checkpoint
+        t = self.t
+        if self.main:
+            save_checkpoint(self.core, self.run / "last.safetensors", extra={"step": t["step"], "epoch": t["epoch"]})
+            t["log_bytes"] = self.rec.log_bytes()
+            t["skipped_bytes"] = (self.run / "skipped.jsonl").stat().st_size
+        t["elapsed_s"] = time.perf_counter() - self.start
+        self.run.save_state(self.acc, t)
+
+    def _summary(self) -> dict:
+        t, run = self.t, self.run
+        summary = {
+            "run_dir": str(run.path), "best_val_rsum": t["best_rsum"], "best_epoch": t["best_epoch"],
+            "best_step": t["best_step"], "last_val": t["val"], "epochs": self.cfg.epochs, "steps": t["step"],
+            "pairs_seen": t["samples"], "skipped_images": len(t["skipped_train"]) + len(t["skipped_val"]),
+            "elapsed_s": round(time.perf_counter() - self.start, 2),
+            "best_checkpoint": str(run / "best.safetensors"), "last_checkpoint": str(run / "last.safetensors"),
+            "log": str(run / "log.jsonl"), "skipped_log": str(run / "skipped.jsonl"), "curves": None,
+        }
+        if self.main:
+            self.rec.close()
+            curves = plot_curves(run / "log.jsonl", run / "curves.png")
+            summary["curves"] = str(curves) if curves else None
+            from eclip.atomic import write_text
+            write_text(run / "summary.json", json.dumps(summary, indent=2) + "\n")
+        return summary
+
+    def close(self) -> None:
+        if getattr(self, "rec", None) is not None:
+            self.rec.close()
+        if getattr(self, "skiplog", None) is not None:
+            self.skiplog.close()

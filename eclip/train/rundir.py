@@ -1,0 +1,153 @@
+"""The run folder: the options, the resumable state, and the files a run leaves behind.
+
+State is saved atomically. Each save goes into `state/step-N.tmp` and becomes
+`state/step-N` by one rename once every file in it is written and synced; older states are
+renamed away before they are deleted. So a run killed at any moment (SIGKILL, power loss)
+always leaves its last complete state under a plain `state/step-N` name, and resuming
+picks the highest such N.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+from eclip.atomic import write_text
+from eclip.config import TrainConfig
+from eclip.errors import EclipError
+
+STATE = "state"
+TRAINER = "trainer.json"          # inside each state: step, epoch, best so far, log sizes
+_NAME = re.compile(r"step-(\d+)")
+
+# Options that may differ when a run is resumed; the rest define the run and must not change.
+RESUMABLE = {"epochs", "workers", "eval_every", "save_every", "log_every", "device", "tensorboard"}
+FLAG = {"lam": "--lambda", "output": "--output"}
+
+
+class RunDir:
+    def __init__(self, path):
+        self.path = Path(path)
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    @property
+    def config(self) -> Path:
+        return self.path / "config.json"
+
+    def check_fresh(self) -> None:
+        """A new run never mixes its files with an old one's."""
+        if self.path.exists() and not self.path.is_dir():
+            raise EclipError(f"--output {self.path}: exists and is not a folder")
+        if self.config.exists() or (self.path / STATE).exists():
+            raise EclipError(f"--output {self.path}: already holds a run; continue it with --resume {self.path}, "
+                             f"or choose another --output")
+
+    def write_config(self, cfg: TrainConfig) -> None:
+        from eclip import __version__
+        self.path.mkdir(parents=True, exist_ok=True)
+        write_text(self.config, json.dumps({**cfg.to_dict(), "eclip_version": __version__}, indent=2) + "\n")
+
+    # ---- state ----
+    def latest_state(self) -> tuple[Path, dict] | None:
+        """The newest complete state and its trainer record, or None if the run never saved one."""
+        root = self.path / STATE
+        found = []
+        for p in root.iterdir() if root.is_dir() else ():
+            m = _NAME.fullmatch(p.name)
+            if m and (p / TRAINER).is_file():
+                found.append((int(m.group(1)), p))
+        if not found:
+            return None
+        path = max(found)[1]
+        return path, json.loads((path / TRAINER).read_text())
+
+    def clean_state(self) -> None:
+        """Remove what a killed save left: half-written `.tmp` folders and old states half-deleted."""
+        root = self.path / STATE
+        latest = self.latest_state()
+        for p in root.iterdir() if root.is_dir() else ():
+            if latest is None or p != latest[0]:
+                _discard(p)
+
+    def save_state(self, accelerator, trainer: dict) -> Path:
+        """accelerate's save_state (model, optimizer, scheduler, RNG of every process) plus `trainer`, atomically."""
+        root = self.path / STATE
+        final = root / f"step-{trainer['step']:09d}"
+        tmp = root / f"{final.name}.tmp"
+        if accelerator.is_main_process:
+            _discard(tmp)
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            write_text(tmp / TRAINER, json.dumps(trainer, indent=1))
+            for f in tmp.iterdir():
+                _fsync(f)
+            _discard(final)
+            os.replace(tmp, final)            # the commit point
+            _fsync(root)
+            for p in root.iterdir():
+                if p != final:
+                    _discard(p)
+        accelerator.wait_for_everyone()
+        return final
+
+    def rewind(self, trainer: dict) -> None:
+        """Cut log.jsonl and skipped.jsonl back to what they held when the state was saved:
+        lines a killed run wrote after its last save are written again by the resumed run."""
+        for name, key in (("log.jsonl", "log_bytes"), ("skipped.jsonl", "skipped_bytes")):
+            path = self.path / name
+            if path.is_file() and path.stat().st_size > trainer.get(key, 0):
+                os.truncate(path, trainer.get(key, 0))
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _discard(path: Path) -> None:
+    """Rename away first, so no half-deleted folder ever carries a state's name."""
+    if not path.exists():
+        return
+    trash = path.with_name(path.name + ".deleting")
+    if trash.exists():
+        shutil.rmtree(trash)
+    os.replace(path, trash)
+    shutil.rmtree(trash)
+
+
+def resume_config(run_dir, **given) -> TrainConfig:
+    """The saved options of the run in `run_dir`, with the `given` (non-None) ones applied.
+
+    Only options in RESUMABLE may change (e.g. more --epochs: the cosine schedule then
+    stretches over the new total); changing what defines the run raises EclipError.
+    """
+    run = RunDir(run_dir)
+    if not run.config.is_file():
+        raise EclipError(f"--resume {run_dir}: not a training run folder (no config.json)")
+    try:
+        saved = TrainConfig.from_dict(json.loads(run.config.read_text()))
+    except (ValueError, TypeError) as e:
+        raise EclipError(f"{run.config}: unreadable run options ({e})")
+    for key, value in given.items():
+        if value is None or key == "output" and Path(value) == Path(run_dir):
+            continue
+        if key not in TrainConfig.__dataclass_fields__:
+            raise TypeError(f"resume_config: unknown option {key}")
+        if value != getattr(saved, key):
+            if key not in RESUMABLE:
+                flag = FLAG.get(key, "--" + key.replace("_", "-"))
+                raise EclipError(f"--resume {run_dir}: {flag} cannot change when resuming (the run used "
+                                 f"{getattr(saved, key)!r}); start a new run with --output to change it")
+            setattr(saved, key, value)
+    saved.output = str(run_dir)
+    return saved

@@ -1,0 +1,150 @@
+"""`eclip train`: resumable after SIGKILL, skips bad images, refuses to mix runs, leaves its files."""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from eclip.cli import app
+
+from train_helpers import build_flags, invoke, log_lines, one_thread_run, train_args
+
+ROOT = Path(__file__).parent.parent
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from more threads, and lose much when the cores are shared;
+    one thread also makes this process compute exactly what the subprocesses compute."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def flags(tmp_path_factory):
+    """12 real flags, 6 views each: train.jsonl (48 pairs), val.jsonl (12), and the tiny model config."""
+    return build_flags(tmp_path_factory.mktemp("flags"))
+
+
+@pytest.fixture(scope="module")
+def reference(flags, tmp_path_factory):
+    """An uninterrupted run: 2 epochs of 4 steps. -> (run folder, summary)."""
+    run = tmp_path_factory.mktemp("reference") / "run"
+    return run, one_thread_run(train_args(flags, run))
+
+
+def complete_states(run):
+    state = run / "state"
+    return [p for p in state.iterdir() if re.fullmatch(r"step-\d+", p.name)] if state.is_dir() else []
+
+
+def timeless(rows):
+    return [{k: v for k, v in r.items() if k not in ("elapsed_s", "pairs_per_s")} for r in rows]
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path, flags, reference):
+    (whole, summary), killed = reference, tmp_path / "killed"
+    assert summary["steps"] == 8 and summary["best_val_rsum"] is not None
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "ECLIP_QUIET": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "eclip", *train_args(flags, killed, "--save-every", "2")],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 240
+    while not complete_states(killed):
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        assert time.monotonic() < deadline, "no state saved"
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)          # right after its first state save, mid-training
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL and not (killed / "summary.json").exists()
+    saved_at = json.loads((complete_states(killed)[0] / "trainer.json").read_text())["step"]
+    assert 2 <= saved_at < 8
+
+    resumed = json.loads(invoke(["train", "--resume", str(killed), "--json"]).stdout)
+    assert resumed["steps"] == 8 and resumed["best_val_rsum"] == summary["best_val_rsum"]
+    a, b = load_file(whole / "last.safetensors"), load_file(killed / "last.safetensors")
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"resumed weights differ in {len(different)} tensors, e.g. {different[:3]}"
+    # the log reads as one run: every step once, the same numbers
+    assert timeless(log_lines(killed)) == timeless(log_lines(whole))
+    assert len(complete_states(killed)) == 1 and not list((killed / "state").glob("*.tmp"))
+
+
+@pytest.mark.slow
+def test_unreadable_images_are_skipped_counted_and_listed(tmp_path, flags):
+    """A broken training image in mid-epoch and a broken val image: the run goes on without them."""
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = {}
+    for split in ("train", "val"):
+        lines = [json.loads(x) for x in (flags / "set" / f"{split}.jsonl").read_text().splitlines()]
+        for row in lines:
+            row["image"] = str(flags / "set" / row["image"])
+        rows[split] = lines
+    (data / "garbage.jpg").write_bytes(b"this is not a JPEG file")
+    good = (flags / "set" / rows["val"][3]["image"]).read_bytes()
+    (data / "truncated.jpg").write_bytes(good[: len(good) // 3])
+    rows["train"][20]["image"] = str(data / "garbage.jpg")
+    rows["val"][3]["image"] = str(data / "truncated.jpg")
+    for split, lines in rows.items():
+        (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+
+    run = tmp_path / "run"
+    argv = train_args(flags, run, "--json")
+    argv[argv.index("--dataset") + 1] = str(data / "train.jsonl")
+    argv.remove("--no-tensorboard")
+    summary = json.loads(invoke(argv).stdout)
+
+    assert summary["steps"] == 8 and summary["skipped_images"] == 2
+    listed = [json.loads(x) for x in (run / "skipped.jsonl").read_text().splitlines()]
+    reasons = {x["id"]: x["reason"] for x in listed}
+    assert reasons.keys() == {rows["train"][20]["id"], rows["val"][3]["id"]}
+    assert reasons[rows["train"][20]["id"]] == "not an image" and reasons[rows["val"][3]["id"]]
+    train_logs = [r for r in log_lines(run) if r["kind"] == "train"]
+    assert train_logs[-1]["skipped"] == 1
+    val = [r for r in log_lines(run) if r["kind"] == "val"]
+    assert val[-1]["n_pairs"] == 11                 # the broken val pair is left out of the gallery
+
+    # what a finished run leaves behind
+    from eclip.checkpoint import load_checkpoint
+    assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    best = load_checkpoint(run / "best.safetensors")
+    assert best.config.experts.n_vision == 2 and summary["best_epoch"] in (1, 2)
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["val_dataset"] == str(data / "val.jsonl") and saved["batch_size"] == 12
+
+
+def test_a_new_run_never_writes_into_an_old_one(tmp_path, flags):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"output": str(run), "dataset": "x.jsonl", "lr": 1e-3}))
+    result = CliRunner().invoke(app, train_args(flags, run))
+    assert result.exit_code == 2 and "already holds a run" in result.output and "--resume" in result.output
+
+    result = CliRunner().invoke(app, ["train", "--resume", str(run), "--lr", "0.5"])
+    assert result.exit_code == 2 and "--lr cannot change when resuming" in result.output
+
+    result = CliRunner().invoke(app, ["train", "--resume", str(tmp_path / "nothing")])
+    assert result.exit_code == 2 and "not a training run folder" in result.output
+
+
+def test_a_dataset_file_needs_a_validation_file(tmp_path, flags):
+    lonely = tmp_path / "pairs.jsonl"
+    lonely.write_text((flags / "set" / "train.jsonl").read_text())
+    argv = train_args(flags, tmp_path / "run")
+    argv[argv.index("--dataset") + 1] = str(lonely)
+    result = CliRunner().invoke(app, argv)
+    assert result.exit_code == 2 and "--val-dataset" in result.output
