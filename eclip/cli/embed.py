@@ -1,7 +1,75 @@
-"""`eclip embed`: (being written)."""
+"""`eclip embed`: images and captions to sharded, resumable vectors for match --gallery and evaluate."""
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import typer
+from typing_extensions import Annotated
+
 from eclip.cli import app
+from eclip.cli.options import (Checkpoint, DataRoot, Dataset, Device, Json, Model, Precision, PrecisionOpt,
+                               Pretrained, Split, model_spec, user_errors)
 
 
-@app.command(help="(not yet implemented)")
-def embed():
-    raise SystemExit("eclip embed: not yet implemented")
+class Dtype(str, Enum):
+    fp16 = "fp16"
+    fp32 = "fp32"
+
+
+HELP = """Embed images and/or captions into OUT_DIR: L2-normalised vectors in sharded .safetensors
+files, their ids / paths / texts in Parquet, and manifest.json (written last) naming the model.
+
+\b
+Examples:
+  eclip embed --images photos/ --output gallery/
+  eclip embed --texts captions.txt --images 'shots/**/*.jpg' --output gallery/
+  eclip embed --dataset n24news --split test --output n24-test/ --checkpoint run/best.safetensors
+  torchrun --nproc_per_node 4 -m eclip embed --dataset pairs.jsonl --output big/
+
+Re-running the same command resumes: finished shards are kept. Images that cannot be read
+are listed in OUT_DIR/errors.jsonl and never stop the run.
+"""
+
+
+@app.command(help=HELP)
+def embed(
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder to write (created if needed).")],
+    images: Annotated[Optional[str], typer.Option(
+        "--images", help="A folder (image files below it), a glob ('imgs/**/*.jpg'), a LIST.txt of paths "
+                         "(relative to the list's folder), or one image file. ids are the absolute paths.")] = None,
+    texts: Annotated[Optional[Path], typer.Option(
+        "--texts", help="FILE.txt (one caption per line; id = line number) or FILE.jsonl "
+                        "({\"text\", optional \"id\", \"entities\"}).")] = None,
+    dataset: Dataset = None,
+    data_root: DataRoot = None,
+    split: Split = "test",
+    dtype: Annotated[Dtype, typer.Option("--dtype", help="Storage type of the vectors.")] = Dtype.fp16,
+    shard_size: Annotated[int, typer.Option("--shard-size", help="Rows per shard (the unit of resuming).")] = 4096,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images or captions per forward pass.")] = 64,
+    workers: Annotated[Optional[int], typer.Option(
+        "--workers", help="Image decoding processes. Default: min(4, CPUs); 0 decodes in the main process.")] = None,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Replace embeddings already in OUT_DIR (even another model's) instead of resuming.")] = False,
+    model: Model = None,
+    pretrained: Pretrained = None,
+    checkpoint: Checkpoint = None,
+    device: Device = None,
+    precision: PrecisionOpt = Precision.fp32,
+    json_: Json = False,
+):
+    with user_errors():
+        from eclip.console import note, print_json
+        from eclip.embed import embed as run
+        summary = run(model_spec(model, pretrained, checkpoint, device, precision), output, images=images,
+                      texts=texts, dataset=dataset, data_root=data_root, split=split, dtype=dtype.value,
+                      shard_size=shard_size, batch_size=batch_size, workers=workers, overwrite=overwrite)
+        if summary["rank"] != 0:
+            return
+        if json_:
+            print_json(summary)
+            return
+        errors = f", {summary['errors']} unreadable (see {summary['errors_file']})" if summary.get("errors") else ""
+        note(f"{summary['images']} images{errors}, {summary['texts']} texts -> {summary['output']} "
+             f"({summary['written']} shards written, {summary['reused']} reused)")

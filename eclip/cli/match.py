@@ -1,7 +1,161 @@
-"""`eclip match`: (being written)."""
+"""`eclip match`: cosine similarity of images and captions, for people and for shell pipelines."""
+from __future__ import annotations
+
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from typing_extensions import Annotated
+
 from eclip.cli import app
+from eclip.cli.options import (Checkpoint, Device, Json, Model, Precision, PrecisionOpt, Pretrained, model_spec,
+                               user_errors)
 
 
-@app.command(help="(not yet implemented)")
-def match():
-    raise SystemExit("eclip match: not yet implemented")
+class Search(str, Enum):
+    auto = "auto"
+    exact = "exact"
+    flat = "flat"
+    ivf = "ivf"
+
+
+HELP = """Score images against captions (cosine similarity of the CLIP features).
+
+\b
+Examples:
+  eclip match photo.jpg "Queen Elizabeth II at Windsor"    the cosine similarity
+  eclip match photo.jpg "a" "b" "c"                        scores and softmax over the captions, best first
+  eclip match -i a.jpg -i b.jpg "caption" ...              several images
+  eclip match --threshold 0.25 photo.jpg "caption"         exit 0 if the best score reaches 0.25, else 1
+  eclip match --gallery DIR "caption"                      top-K images of a folder made by `eclip embed`
+  eclip match --gallery DIR photo.jpg                      top-K captions for an image
+  ... | eclip match -                                      JSON lines, see below
+
+\b
+Pipelines: `eclip match -` reads JSON lines {"image": PATH, "text": STR} or {"image": PATH,
+"texts": [STR, ...]}, optional "id", and writes one JSON line per input line, in input order,
+as soon as it is scored; a bad line becomes {"id", "line", "error"} and the rest go on.
+
+With --gallery, an argument that is an existing file with an image extension is an image
+query; anything else is a caption. Without model options, --gallery uses the model recorded
+in DIR/manifest.json. Bad input exits with status 2.
+"""
+
+
+@app.command(help=HELP)
+def match(
+    args: Annotated[Optional[List[str]], typer.Argument(
+        help="IMAGE CAPTION..., or CAPTION... with --image, or '-' for JSON lines on stdin, "
+             "or QUERY... with --gallery.", show_default=False)] = None,
+    image: Annotated[Optional[List[Path]], typer.Option(
+        "--image", "-i", help="An image to score (repeat for several); then every argument is a caption.")] = None,
+    gallery: Annotated[Optional[Path], typer.Option(
+        "--gallery", help="Folder written by `eclip embed`: search it instead of scoring pairs.")] = None,
+    top_k: Annotated[int, typer.Option("--top-k", "-k", help="Results per query with --gallery.")] = 5,
+    search: Annotated[Search, typer.Option(
+        "--search", help="Gallery search: exact (brute force), flat (FAISS exact), ivf (FAISS approximate), "
+                         "auto (exact up to 50k rows, flat up to 1M, ivf above).")] = Search.auto,
+    threshold: Annotated[Optional[float], typer.Option(
+        "--threshold", help="Exit 0 when the best score reaches this value, 1 when not "
+                            "(stdin: when every scored line reaches it).")] = None,
+    json_: Json = False,
+    model: Model = None,
+    pretrained: Pretrained = None,
+    checkpoint: Checkpoint = None,
+    device: Device = None,
+    precision: PrecisionOpt = Precision.fp32,
+):
+    args = list(args or [])
+    with user_errors():
+        from eclip.errors import EclipError
+        spec = model_spec(model, pretrained, checkpoint, device, precision)
+        if args == ["-"]:
+            if image or gallery:
+                raise EclipError("match -: reads images and captions from stdin; drop --image / --gallery")
+            passed = _stream(spec, threshold)
+        elif gallery is not None:
+            if image:
+                raise EclipError("--gallery: give image queries as arguments, not with --image")
+            passed = _gallery(spec, gallery, args, top_k, search.value, threshold, json_)
+        else:
+            if "-" in args:
+                raise EclipError("match: '-' (read stdin) must be the only argument")
+            passed = _pairs(spec, list(image or []), args, threshold, json_)
+    if threshold is not None:
+        raise typer.Exit(0 if passed else 1)
+
+
+def _pairs(spec, images, args, threshold, json_):
+    from eclip.errors import EclipError
+    from eclip.match import Matcher, is_image_path, match_pairs
+    if not images:
+        if not args:
+            raise EclipError("match: give an image and one or more captions (eclip match IMAGE \"caption\" ...)")
+        first = args.pop(0)
+        if not Path(first).exists():
+            raise EclipError(f"{first}: no such image file (the first argument is the image, then captions; "
+                             f"or use --image)")
+        if not is_image_path(first) and not Path(first).is_file():
+            raise EclipError(f"{first}: not an image file")
+        images = [first]
+    if not args:
+        raise EclipError("match: give one or more captions after the image")
+    result = match_pairs(Matcher.from_spec(spec), images, args)
+    passed = _passed(result["best"]["score"], threshold)
+    if json_:
+        from eclip.console import print_json
+        print_json({**result, "threshold": threshold, "passed": passed})
+    elif len(images) == 1 and len(args) == 1:
+        typer.echo(f"{result['best']['score']:.4f}")
+    else:
+        for k, r in enumerate(result["results"]):
+            if len(images) > 1:
+                typer.echo(("\n" if k else "") + r["image"])
+            for m in r["matches"]:
+                typer.echo(f"{m['score']:.4f}  {100 * m['prob']:5.1f}%  {m['text']}")
+    return passed
+
+
+def _stream(spec, threshold):
+    import json
+
+    from eclip.match import Matcher, match_stream
+    matcher = Matcher.from_spec(spec)
+
+    def emit(record):
+        sys.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")
+        sys.stdout.flush()
+
+    try:
+        counts = match_stream(matcher, sys.stdin, emit, threshold)
+    except BrokenPipeError:   # the reader went away (`| head`): stop quietly, as shell tools do
+        import os
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise typer.Exit(0 if threshold is None else 1)
+    return counts["below_threshold"] == 0
+
+
+def _gallery(spec, folder, queries, top_k, method, threshold, json_):
+    from eclip.embedstore import open_store
+    from eclip.match import Matcher, gallery_spec, match_gallery
+    store = open_store(folder)
+    matcher = Matcher.from_spec(gallery_spec(store, spec))
+    result = match_gallery(matcher, store, queries, top_k, method)
+    passed = _passed(result["best"]["score"] if result["best"] else float("-inf"), threshold)
+    if json_:
+        from eclip.console import print_json
+        print_json({**result, "threshold": threshold, "passed": passed})
+        return passed
+    for k, r in enumerate(result["results"]):
+        total = result["counts"][r["searched"]]
+        typer.echo(("\n" if k else "") + f"{r['query']}  (top {len(r['matches'])} of {total} {r['searched']})")
+        for m in r["matches"]:
+            what = m["path"] if r["searched"] == "images" else f"[{m['id']}] {m['text']}"
+            typer.echo(f"{m['rank']:3d}  {m['score']:.4f}  {what}")
+    return passed
+
+
+def _passed(best: float, threshold):
+    return None if threshold is None else best >= threshold

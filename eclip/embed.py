@@ -1,0 +1,341 @@
+"""`eclip embed`: images and captions to L2-normalised vectors in a resumable sharded folder
+(layout: eclip.embedstore).
+
+Throughput: DataLoader workers decode and preprocess images while the model runs; the device
+comes from accelerate (Accelerator().device) and --precision is autocast. Under `torchrun` /
+`accelerate launch` shard k goes to process k % world_size, so every input is embedded exactly
+once; process 0 writes the whole tables and the manifest after a barrier.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from eclip.checkpoint import sha256_file
+from eclip.data.dataset import ImageDataset, collate_images
+from eclip.embedstore import DTYPES, ERRORS, check_identity, finalize, finished_files, \
+    leftover_temp_files, our_files, plan_shards, stored_identity, write_shard
+from eclip.errors import EclipError
+from eclip.match import IMAGE_EXTENSIONS, autocast, load_inference_model
+
+DEFAULT_SHARD_SIZE = 4096
+DEFAULT_BATCH_SIZE = 64
+LIST_SUFFIXES = {".txt", ".lst", ".list"}
+
+
+def default_workers() -> int:
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(4, cpus)
+
+
+# ---- inputs -------------------------------------------------------------------------------
+
+def image_inputs(arg: str) -> list[dict]:
+    """--images DIR | GLOB | LIST.txt | one image file -> [{"id", "path"}] (id = the absolute path).
+
+    DIR: image files below it (by extension, hidden entries skipped), sorted. GLOB: every
+    matching file ("**" recurses), sorted. LIST.txt: one path per line in the list's order,
+    relative paths taken from the list file's folder, blank and '#' lines skipped.
+    """
+    path = Path(arg).expanduser()
+    if path.is_dir():
+        paths = []
+        for folder, dirs, files in os.walk(path):
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
+            paths += [os.path.join(folder, f) for f in files
+                      if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_EXTENSIONS]
+        paths, empty = sorted(os.path.abspath(p) for p in paths), "no image files in this folder"
+    elif path.is_file() and path.suffix.lower() in LIST_SUFFIXES:
+        lines = [line.strip() for line in path.read_text(encoding="utf-8", errors="replace").splitlines()]
+        paths = [os.path.abspath(path.parent / Path(line).expanduser())
+                 for line in lines if line and not line.startswith("#")]
+        empty = "the list names no files"
+    elif path.is_file():
+        paths, empty = [os.path.abspath(path)], ""
+    elif any(c in arg for c in "*?["):
+        paths = sorted(os.path.abspath(p) for p in glob.glob(os.path.expanduser(arg), recursive=True)
+                       if os.path.isfile(p))
+        empty = "no files match this pattern"
+    else:
+        raise EclipError(f"--images {arg}: no such folder, file or matching files")
+    if not paths:
+        raise EclipError(f"--images {arg}: {empty}")
+    return [{"id": p, "path": p} for p in paths]
+
+
+def text_inputs(arg) -> list[dict]:
+    """--texts FILE.txt (one caption per line; id = line number) or FILE.jsonl ({"text" or "caption",
+    optional "id" (default: line number), optional "entities"}) -> [{"id", "text", "entities"}]."""
+    path = Path(arg).expanduser()
+    if not path.is_file():
+        raise EclipError(f"--texts {arg}: no such file")
+    items = []
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    jsonl = path.suffix.lower() in (".jsonl", ".ndjson")
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        if not jsonl:
+            items.append({"id": str(number), "text": line, "entities": "[]"})
+            continue
+        try:
+            d = json.loads(line)
+        except ValueError as e:
+            raise EclipError(f"{path}:{number}: invalid JSON ({e})")
+        text = d.get("text", d.get("caption")) if isinstance(d, dict) else None
+        if not isinstance(text, str):
+            raise EclipError(f"{path}:{number}: needs a \"text\" (or \"caption\") string")
+        entities = d.get("entities") or []
+        items.append({"id": str(d.get("id", number)), "text": text,
+                      "entities": json.dumps(entities, ensure_ascii=False)})
+    if not items:
+        raise EclipError(f"--texts {arg}: no captions in this file")
+    return items
+
+
+def dataset_inputs(dataset: str, data_root=None, split: str = "test") -> tuple[list[dict], list[dict]]:
+    """One image row and one text row per record, both with the record id (ground truth for evaluate)."""
+    from eclip.data.readers import read_dataset
+    records = read_dataset(dataset, data_root, split)
+    if not records:
+        raise EclipError(f"--dataset {dataset}: no records in split {split}")
+    images = [{"id": r.id, "path": r.image} for r in records]
+    texts = [{"id": r.id, "text": r.caption, "entities": json.dumps(r.entities, ensure_ascii=False)}
+             for r in records]
+    return images, texts
+
+
+def _image_fingerprint(item: dict) -> str:
+    """What resume compares: the id, the path and the file's size and modification time."""
+    try:
+        st = os.stat(item["path"])
+        stamp = f"{st.st_size}:{st.st_mtime_ns}"
+    except OSError:
+        stamp = "missing"
+    return f"{item['id']}\0{item['path']}\0{stamp}"
+
+
+def _text_fingerprint(item: dict) -> str:
+    return f"{item['id']}\0{item['text']}\0{item['entities']}"
+
+
+# ---- the run ----------------------------------------------------------------------------
+
+def embed(spec, output, *, images=None, texts=None, dataset=None, data_root=None, split: str = "test",
+          dtype: str = "fp16", shard_size: int = DEFAULT_SHARD_SIZE, batch_size: int = DEFAULT_BATCH_SIZE,
+          workers: int | None = None, overwrite: bool = False) -> dict:
+    """Embed images and/or captions into OUTPUT (see eclip.embedstore). Re-running resumes.
+
+    Returns a summary: counts, shards written / reused, seconds and images/s of this process.
+    """
+    if dtype not in DTYPES:
+        raise EclipError(f"--dtype {dtype}: one of {', '.join(DTYPES)}")
+    if shard_size < 1 or batch_size < 1:
+        raise EclipError("--shard-size and --batch-size must be at least 1")
+    if workers is not None and workers < 0:
+        raise EclipError(f"--workers {workers}: must be 0 or more")
+    if dataset and (images or texts):
+        raise EclipError("--dataset cannot be combined with --images / --texts")
+    if not (dataset or images or texts):
+        raise EclipError("nothing to embed: give --images, --texts or --dataset")
+    output = Path(output)
+    if output.exists() and not output.is_dir():
+        raise EclipError(f"--output {output}: exists and is not a folder")
+
+    if dataset:
+        image_items, text_items = dataset_inputs(dataset, data_root, split)
+        source = {"dataset": str(dataset), "split": split, "data_root": str(data_root) if data_root else None}
+    else:
+        image_items = image_inputs(str(images)) if images else []
+        text_items = text_inputs(texts) if texts else []
+        source = {"images": str(images) if images else None, "texts": str(texts) if texts else None}
+
+    started = time.perf_counter()
+    accelerator = _accelerator(spec.device)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    device = spec.device if (spec.device and world == 1) else str(accelerator.device)
+    model = load_inference_model(_with_device(spec, device))
+    identity = model.identity()
+    loaded = time.perf_counter()
+
+    output.mkdir(parents=True, exist_ok=True)
+    existing = stored_identity(output)
+    if existing is not None and not overwrite:
+        check_identity(existing, identity, f"--output {output}")   # another model's vectors: refuse
+    if accelerator.is_main_process:
+        for path in leftover_temp_files(output) + (our_files(output) if overwrite else []):
+            path.unlink(missing_ok=True)
+    accelerator.wait_for_everyone()
+
+    plans = {}
+    if image_items:
+        plans["images"] = plan_shards("images", image_items, shard_size, world, identity, dtype, _image_fingerprint)
+    if text_items:
+        plans["texts"] = plan_shards("texts", text_items, shard_size, world, identity, dtype, _text_fingerprint)
+    summary = {"output": str(output), "rank": rank, "world_size": world, "written": 0, "reused": 0,
+               "seconds": {"load": loaded - started}}
+    run = _Run(model, output, identity, dtype, spec.precision, batch_size,
+               default_workers() if workers is None else workers, accelerator.is_main_process)
+    for kind, items in (("images", image_items), ("texts", text_items)):
+        if kind not in plans:
+            continue
+        mine = [s for s in plans[kind] if s.rank == rank]
+        todo = [s for s in mine if finished_files(output, s) is None]
+        summary["reused"] += len(mine) - len(todo)
+        summary["written"] += len(todo)
+        t0 = time.perf_counter()
+        done = run.images(items, todo) if kind == "images" else run.texts(items, todo)
+        seconds = time.perf_counter() - t0
+        summary["seconds"][kind] = seconds
+        summary[f"{kind}_embedded"] = done
+        summary[f"{kind}_per_s"] = done / seconds if seconds > 0 and done else None
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        manifest = finalize(output, plans, identity, dim=model.config.clip_config["embed_dim"], dtype=dtype,
+                            model_spec=_recorded_spec(spec), source=source)
+        summary.update({"images": (manifest["images"] or {}).get("count", 0),
+                        "errors": (manifest["images"] or {}).get("errors", 0),
+                        "texts": (manifest["texts"] or {}).get("count", 0),
+                        "manifest": str(output / "manifest.json"), "errors_file": str(output / ERRORS)})
+    accelerator.wait_for_everyone()
+    summary["seconds"]["total"] = time.perf_counter() - started
+    return summary
+
+
+def _accelerator(device):
+    """accelerate's process state: device, rank, world size, barrier (no mixed-precision state:
+    --precision is autocast here, and an Accelerator made earlier in the process may differ)."""
+    from datetime import timedelta
+
+    import torch
+    from accelerate import PartialState
+    cpu = (device or "").startswith("cpu") or (device is None and not torch.cuda.is_available())
+    # shards of one process may take hours longer than another's: do not let the barrier time out
+    return PartialState(cpu=cpu, timeout=timedelta(hours=24))
+
+
+def _with_device(spec, device):
+    from dataclasses import replace
+    return replace(spec, device=device)
+
+
+def _recorded_spec(spec) -> dict:
+    """Model options with absolute paths, so `match --gallery DIR` can reload the same model."""
+    d = asdict(spec)
+    for key in ("checkpoint", "pretrained", "model"):
+        if d.get(key) and os.path.exists(str(d[key])):
+            d[key] = os.path.abspath(str(d[key]))
+    return {k: d.get(k) for k in ("model", "pretrained", "checkpoint")}
+
+
+class _Run:
+    """Embeds the shards one process owns, writing each as soon as its last batch is done."""
+
+    def __init__(self, model, output, identity, dtype, precision, batch_size, workers, show_progress):
+        self.model, self.output, self.identity = model, Path(output), identity
+        self.dtype, self.precision, self.batch_size, self.workers = dtype, precision, batch_size, workers
+        self.show_progress = show_progress
+
+    def _batches(self, shards):
+        """Batches never cross a shard boundary: [(indices, shard, is_last_of_shard)]."""
+        out = []
+        for s in shards:
+            starts = range(s.start, s.stop, self.batch_size)
+            for b in starts:
+                out.append((list(range(b, min(b + self.batch_size, s.stop))), s, b == starts[-1]))
+        return out
+
+    def images(self, items, shards) -> int:
+        import torch
+        from torch.utils.data import DataLoader
+        plan = self._batches(shards)
+        if not plan:
+            return 0
+        device = self.model.device
+        loader = DataLoader(HashedImages([it["path"] for it in items], self.model.preprocess),
+                            batch_sampler=[p[0] for p in plan], num_workers=self.workers,
+                            collate_fn=collate_hashed, pin_memory=device.type == "cuda",
+                            prefetch_factor=4 if self.workers else None)
+        done, vectors, rows, errors = 0, [], [], []
+        with self._progress("images", sum(len(p[0]) for p in plan)) as advance:
+            for batch, (indices, shard, last) in zip(loader, plan):
+                if batch["indices"].numel():
+                    with torch.inference_mode(), autocast(device, self.precision):
+                        v = self.model.encode_images(batch["images"].to(device, non_blocking=True))
+                    vectors.append(torch.nn.functional.normalize(v.float(), dim=-1).cpu())
+                    for i, sha in zip(batch["indices"].tolist(), batch["sha256"]):
+                        rows.append({"id": items[i]["id"], "path": items[i]["path"], "sha256": sha})
+                errors += [{"id": items[i]["id"], "image": items[i]["path"], "reason": reason}
+                           for i, reason in batch["skipped"]]
+                advance(len(indices))
+                if last:
+                    done += len(rows)
+                    self._write(shard, vectors, rows, errors)
+                    vectors, rows, errors = [], [], []
+        return done
+
+    def texts(self, items, shards) -> int:
+        import torch
+        device = self.model.device
+        plan = self._batches(shards)
+        done, vectors, rows = 0, [], []
+        with self._progress("texts", sum(len(p[0]) for p in plan)) as advance:
+            for indices, shard, last in plan:
+                tokens = self.model.tokenize([items[i]["text"] for i in indices]).to(device)
+                with torch.inference_mode(), autocast(device, self.precision):
+                    v = self.model.encode_texts(tokens)
+                vectors.append(torch.nn.functional.normalize(v.float(), dim=-1).cpu())
+                rows += [{k: items[i][k] for k in ("id", "text", "entities")} for i in indices]
+                advance(len(indices))
+                if last:
+                    done += len(rows)
+                    self._write(shard, vectors, rows, [])
+                    vectors, rows = [], []
+        return done
+
+    def _write(self, shard, vectors, rows, errors):
+        import torch
+        dim = self.model.config.clip_config["embed_dim"]
+        array = torch.cat(vectors).numpy() if vectors else torch.zeros(0, dim).numpy()
+        write_shard(self.output, shard, array, rows, errors, self.identity, self.dtype)
+
+    def _progress(self, what, total):
+        import contextlib
+
+        from eclip.console import progress
+
+        @contextlib.contextmanager
+        def bar():
+            if not self.show_progress:
+                yield lambda n: None
+                return
+            with progress() as p:
+                task = p.add_task(what, total=total)
+                yield lambda n: p.advance(task, n)
+        return bar()
+
+
+# ---- worker side (top level: picklable under fork and spawn) -------------------------------
+
+class HashedImages(ImageDataset):
+    """ImageDataset whose good items also carry the sha256 of the file's bytes (images.parquet)."""
+
+    def __getitem__(self, i: int) -> dict:
+        item = super().__getitem__(i)
+        if "error" not in item:
+            try:
+                item["sha256"] = sha256_file(self.paths[i])
+            except OSError as e:   # vanished between decoding and hashing
+                item = {"index": i, "error": f"unreadable ({type(e).__name__})"}
+        return item
+
+
+def collate_hashed(batch: list[dict]) -> dict:
+    out = collate_images(batch)
+    out["sha256"] = [b["sha256"] for b in batch if "error" not in b]
+    return out
