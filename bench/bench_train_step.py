@@ -64,7 +64,13 @@ def child(args) -> dict:
     use_expl = args.child != "plain"
 
     def step(i):
-        forward_backward(acc, model, batch, groups, negatives_generator(42, i), experts=use_expl)
+        if args.child == "plain+expl":
+            # the baseline model skips explanations, so run their text pass (forward and backward) here
+            out = model(batch["images"], batch["caption_tokens"], batch["caption_tokens"][:0], group_ids=groups,
+                        generator=negatives_generator(42, i))
+            acc.backward(out["loss"] + 0.0 * core.clip.encode_text(batch["explanation_tokens"]).float().sum())
+        else:
+            forward_backward(acc, model, batch, groups, negatives_generator(42, i), experts=use_expl)
         optimizer.step()
         optimizer.zero_grad()
         clamp_logit_scale(core)
