@@ -49,3 +49,14 @@ def real_images(tmp_path_factory):
         Image.fromarray(getattr(skimage.data, name)()).convert("RGB").save(path, quality=90)
         out[name] = path
     return out
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory, tiny_config_path):
+    """(path, model): a tiny inference checkpoint (no experts) saved once for the session."""
+    from eclip.checkpoint import save_checkpoint
+    from eclip.config import ExpertConfig
+    model = make_tiny(tiny_config_path, experts=ExpertConfig(enabled=False))
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
+    save_checkpoint(model, path)
+    return path, model.eval()

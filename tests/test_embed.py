@@ -15,18 +15,6 @@ from eclip.embedstore import open_store
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, tiny_config_path):
-    from conftest import make_tiny
-
-    from eclip.checkpoint import save_checkpoint
-    from eclip.config import ExpertConfig
-    model = make_tiny(tiny_config_path, experts=ExpertConfig(enabled=False))
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
-    save_checkpoint(model, path)
-    return path, model.eval()
-
-
-@pytest.fixture(scope="module")
 def photos(tmp_path_factory, real_images):
     """A folder of the four real photos, plus a caption file naming them."""
     folder = tmp_path_factory.mktemp("gallery")

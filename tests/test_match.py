@@ -11,18 +11,6 @@ from typer.testing import CliRunner
 from eclip.cli import app
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, tiny_config_path):
-    from conftest import make_tiny
-
-    from eclip.checkpoint import save_checkpoint
-    from eclip.config import ExpertConfig
-    model = make_tiny(tiny_config_path, experts=ExpertConfig(enabled=False))
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
-    save_checkpoint(model, path)
-    return path, model.eval()
-
-
 def run(*args, code=0, input=None):
     result = CliRunner(mix_stderr=False).invoke(app, [str(a) for a in args], input=input)
     assert result.exit_code == code, (result.stdout, result.stderr, result.exception)
