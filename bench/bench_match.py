@@ -200,7 +200,7 @@ def main():
     first_b, per_line_b = burst(cmd, lines, env)
     burst_encode_ms = statistics.median(encode_once(k) for k in range(10)) * 1000
     print(f"\neclip match - over {len(lines)} lines (one image + one caption each, all captions different)")
-    print(f"decode + preprocess one JPEG (in the reader thread): {decode_ms:.1f} ms")
+    print(f"decode + preprocess one JPEG: {decode_ms:.1f} ms")
     print(f"interactive (line written after the previous answer), medians over {len(pairs)} lines:")
     print(f"  per line, round trip through the pipe:  {line_ms:7.1f} ms")
     print(f"  encode only (image + caption, batch 1): {encode_ms:7.1f} ms   (timed right after each line)")

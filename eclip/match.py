@@ -75,6 +75,19 @@ class Matcher:
         from eclip.data.images import load_image
         return self.model.preprocess(load_image(path))
 
+    def preprocess_stages(self):
+        """(image stage, tensor stage) of the model's transform, split before ToTensor: the first
+        (decode-side resizing and cropping on PIL images) is safe on a helper thread; the second
+        runs torch ops, which belong on the main thread (torch ops on a second thread start a
+        second OpenMP team, and the forward pass then ran ~30% slower, bench/bench_match.py)."""
+        from torchvision.transforms import Compose, ToTensor
+        transform = self.model.preprocess
+        steps = list(getattr(transform, "transforms", []))
+        cut = next((i for i, step in enumerate(steps) if isinstance(step, ToTensor)), None)
+        if cut is None:
+            return (lambda image: image), transform
+        return Compose(steps[:cut]), Compose(steps[cut:])
+
     def encode_pixels(self, pixels: list):
         """[3,H,W] tensors -> float32 L2-normalised features [N, D] on the CPU."""
         import torch
@@ -163,10 +176,11 @@ def _id_of(line: str):
         return None
 
 
-def _prepare(matcher: Matcher, number: int, line: str) -> dict:
+def _prepare(image_stage, number: int, line: str) -> dict:
     try:
         item = parse_line(line)
-        item["pixels"] = matcher.pixels(item["image"])
+        from eclip.data.images import load_image
+        item["decoded"] = image_stage(load_image(item["image"]))   # PIL work only: see preprocess_stages
         item["line"] = number
         return item
     except EclipError as e:
@@ -178,12 +192,13 @@ def _prepare(matcher: Matcher, number: int, line: str) -> dict:
 def match_stream(matcher: Matcher, lines, emit, threshold: float | None = None) -> dict:
     """Read JSON lines, call emit(record) once per non-blank line, in input order, as soon as it is done.
 
-    A reader thread parses and decodes images ahead of the model (decoding overlaps the
-    forward pass); lines already waiting are encoded as one batch, so a burst costs one
+    A reader thread parses lines, decodes, resizes and crops images ahead of the model
+    (overlapping the forward pass; tensors are made on the main thread); lines already waiting are encoded as one batch, so a burst costs one
     forward while an interactive line is answered at once. Returns counts.
     """
     pending: queue.Queue = queue.Queue(maxsize=2 * STREAM_BATCH)
     done = object()
+    image_stage, tensor_stage = matcher.preprocess_stages()
 
     def reader():
         try:
@@ -191,7 +206,7 @@ def match_stream(matcher: Matcher, lines, emit, threshold: float | None = None) 
                 if isinstance(line, bytes):
                     line = line.decode("utf-8", "replace")
                 if line.strip():
-                    pending.put(_prepare(matcher, number, line))
+                    pending.put(_prepare(image_stage, number, line))
         finally:
             pending.put(done)
 
@@ -208,7 +223,7 @@ def match_stream(matcher: Matcher, lines, emit, threshold: float | None = None) 
         if batch[-1] is done:
             batch.pop()
             finished = True
-        for record in _score_batch(matcher, batch, threshold):
+        for record in _score_batch(matcher, tensor_stage, batch, threshold):
             counts["lines"] += 1
             counts["errors"] += "error" in record
             counts["below_threshold"] += record.get("passed") is False
@@ -216,7 +231,13 @@ def match_stream(matcher: Matcher, lines, emit, threshold: float | None = None) 
     return counts
 
 
-def _score_batch(matcher: Matcher, batch: list[dict], threshold) -> list[dict]:
+def _score_batch(matcher: Matcher, tensor_stage, batch: list[dict], threshold) -> list[dict]:
+    for item in batch:
+        if "decoded" in item:
+            try:
+                item["pixels"] = tensor_stage(item.pop("decoded"))
+            except Exception as e:   # a transform failing on one odd image fails that line only
+                item["error"] = f"{item['image']}: preprocess failed ({type(e).__name__}: {str(e)[:160]})"
     good = [item for item in batch if "error" not in item]
     if good:
         try:

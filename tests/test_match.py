@@ -206,3 +206,14 @@ def test_gallery_threshold_and_missing_kind(tmp_path, checkpoint, gallery, real_
         "--workers", "0")
     result = run("match", "--gallery", only_images, real_images["astronaut"], code=2)
     assert "holds no text embeddings" in result.stderr
+
+
+def test_stream_preprocess_split_equals_the_model_transform(checkpoint, real_images):
+    """The pipeline resizes on its reader thread and makes tensors on the main thread: same pixels."""
+    from eclip.data.images import load_image
+    from eclip.match import Matcher
+    model = checkpoint[1]
+    image_stage, tensor_stage = Matcher(model).preprocess_stages()
+    image = load_image(real_images["rocket"])
+    assert torch.equal(tensor_stage(image_stage(image)), model.preprocess(image))
+    assert image_stage(image).size == (64, 64)      # the reader thread hands over small images
