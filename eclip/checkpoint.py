@@ -73,6 +73,7 @@ def load_checkpoint(path, device: str = "cpu"):
     except Exception as e:
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise EclipError(f"{path}: weights do not fit the model its header describes ({first})")
+    # the sha256 is computed by identity() when first asked: plain matching never needs it
     model.source = {"model": config.clip_name, "pretrained": None, "checkpoint": str(path),
-                    "checkpoint_sha256": sha256_file(path)}
+                    "checkpoint_sha256": None}
     return model.to(device)

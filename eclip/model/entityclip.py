@@ -52,6 +52,9 @@ class EntityCLIP(nn.Module):
 
     def identity(self) -> dict:
         """What produced this model's vectors: embeddings from another model are refused."""
+        if self.source.get("checkpoint") and not self.source.get("checkpoint_sha256"):
+            from eclip.checkpoint import sha256_file
+            self.source["checkpoint_sha256"] = sha256_file(self.source["checkpoint"])
         return {**self.source, "preprocess": self.config.preprocess}
 
     # ---- training ----
