@@ -109,7 +109,7 @@ def test_hard_negatives_never_pick_a_positive():
         assert not positive[torch.arange(6), idx].any()
 
 
-def test_hard_negatives_follow_similarity():
+def test_hard_negatives_follow_the_logits():
     sim = torch.tensor([[0.0, 5.0, -5.0]])
     positive = torch.tensor([[True, False, False]])
     picks = [int(hard_negative_indices(sim, positive, torch.tensor([u]))) for u in torch.linspace(0, 0.999, 50)]

@@ -86,12 +86,17 @@ class EntityCLIP(nn.Module):
         vtc_star = vtc_loss(v_star, t_star, scale)
 
         gfm = self._matching_loss(v_cls, t_cls, vision, image_side, text_side, e_kv, e_pad,
-                                  group_ids, generator)
+                                  group_ids, generator, scale)
         loss = vtc + self.config.loss.eta * gfm + self.config.loss.lam * vtc_star
         return {"loss": loss, "vtc": vtc.detach(), "gfm": gfm.detach(), "vtc_star": vtc_star.detach()}
 
-    def _matching_loss(self, v_cls, t_cls, vision, image_side, text_side, e_kv, e_pad, group_ids, generator):
+    def _matching_loss(self, v_cls, t_cls, vision, image_side, text_side, e_kv, e_pad, group_ids, generator,
+                       scale):
         """L_GFM over positives, (image, hard negative caption) and (hard negative image, caption).
+
+        Negatives are drawn from softmax of the contrastive *logits*, exp(logit_scale) * cosine, as in
+        the reference and ALBEF: softmax of raw cosines (range -1..1) is almost uniform, so the
+        "hard" negatives would be random ones.
 
         Negatives come from the global batch: what a pair needs from another process (its
         explanation's keys/values, expert outputs) is gathered with gradient. Each negative caption brings its
@@ -111,8 +116,8 @@ class EntityCLIP(nn.Module):
         with torch.no_grad():
             vn, tn = F.normalize(v_cls, dim=-1), F.normalize(t_cls, dim=-1)
             u = shared_uniforms(n, v_cls.device, generator)[:, local]
-            neg_text = hard_negative_indices(vn @ F.normalize(t_all, dim=-1).T, positive, u[0])
-            neg_image = hard_negative_indices(tn @ F.normalize(v_all, dim=-1).T, positive, u[1])
+            neg_text = hard_negative_indices(scale * (vn @ F.normalize(t_all, dim=-1).T), positive, u[0])
+            neg_image = hard_negative_indices(scale * (tn @ F.normalize(v_all, dim=-1).T), positive, u[1])
 
         pairs = [(v_cls, t_cls, torch.cat([image_side, text_side], dim=1), 1)]
         r = (neg_text >= 0).nonzero().squeeze(1)

@@ -7,24 +7,29 @@ from torch import nn
 
 
 @torch.no_grad()
-def hard_negative_indices(sim: torch.Tensor, positive: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """One negative per query row, drawn with probability softmax(sim) over non-positives (ALBEF-style).
+def hard_negative_indices(logits: torch.Tensor, positive: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """One negative per query row, drawn with probability softmax(logits) over non-positives (ALBEF-style).
 
-    sim [Q, G] query-vs-candidate similarities; positive [Q, G] bool (the pair itself and any
-    candidate known to match, e.g. the same image file); u [Q] uniforms in [0, 1).
+    logits [Q, G] query-vs-candidate contrastive logits, exp(logit_scale) * cosine (raw cosines
+    would make the draw almost uniform); positive [Q, G] bool (the pair itself and any candidate
+    known to match, e.g. the same image file); u [Q] uniforms in [0, 1).
+    Positives are masked before the softmax, which gives the same distribution as masking after it
+    and renormalising, without underflow when the positive dominates.
     Inverse-CDF sampling with given uniforms (not torch.multinomial) so every process draws the
     same negatives for the same global batch. Returns [Q] candidate indices, -1 where a row has
     no negative at all (batch of one, or every candidate is a positive).
     """
-    weights = F.softmax(sim.float(), dim=1).masked_fill(positive, 0.0)
     has_negative = (~positive).any(dim=1)
-    # softmax can underflow to 0 for every negative: fall back to uniform over the negatives then
-    underflow = (weights.sum(dim=1) == 0)[:, None]
-    weights = torch.where(underflow, (~positive).float(), weights)
+    masked = logits.float().masked_fill(positive, float("-inf"))
+    masked[~has_negative] = 0.0                      # rows without a negative: anything finite
+    weights = F.softmax(masked, dim=1).masked_fill(positive, 0.0)
     cdf = weights.cumsum(dim=1)
     target = u.to(cdf)[:, None] * cdf[:, -1:]
     # right=True: the first index whose cdf exceeds the target always has non-zero weight
-    idx = torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_max(sim.shape[1] - 1)
+    idx = torch.searchsorted(cdf, target, right=True).squeeze(1)
+    # u * total may round up to the total: never step past the last candidate with weight
+    last = logits.shape[1] - 1 - (weights > 0).flip(1).int().argmax(dim=1)
+    idx = torch.minimum(idx, last)
     return torch.where(has_negative, idx, torch.full_like(idx, -1))
 
 
