@@ -9,7 +9,7 @@ import typer
 from typing_extensions import Annotated
 
 from eclip.cli import app
-from eclip.cli.options import (Checkpoint, DataRoot, Dataset, Device, Json, Model, Precision, PrecisionOpt,
+from eclip.cli.options import (Checkpoint, DataRoot, Dataset, Device, Model, Precision, PrecisionOpt,
                                Pretrained, Split, model_spec, user_errors)
 
 
@@ -25,8 +25,9 @@ files, their ids / paths / texts in Parquet, and manifest.json (written last) na
 Examples:
   eclip embed --images photos/ --output gallery/
   eclip embed --texts captions.txt --images 'shots/**/*.jpg' --output gallery/
-  eclip embed --dataset n24news --split test --output n24-test/ --checkpoint run/best.safetensors
-  torchrun --nproc_per_node 4 -m eclip embed --dataset pairs.jsonl --output big/
+  eclip embed --dataset n24news --split test --output n24-test/ \\
+              --checkpoint run/best.safetensors
+  torchrun --nproc_per_node 4 -m eclip embed --dataset pairs.jsonl -o big/
 
 Re-running the same command resumes: finished shards are kept. Images that cannot be read
 are listed in OUT_DIR/errors.jsonl and never stop the run.
@@ -35,12 +36,12 @@ are listed in OUT_DIR/errors.jsonl and never stop the run.
 
 @app.command(help=HELP)
 def embed(
-    output: Annotated[Path, typer.Option("--output", "-o", help="Folder to write (created if needed).")],
+    output: Annotated[Path, typer.Option("--output", "-o", show_default=False, help="Folder to write (created if needed).")],
     images: Annotated[Optional[str], typer.Option(
-        "--images", help="A folder (image files below it), a glob ('imgs/**/*.jpg'), a LIST.txt of paths "
+        "--images", show_default=False, help="A folder (image files below it), a glob ('imgs/**/*.jpg'), a LIST.txt of paths "
                          "(relative to the list's folder), or one image file. ids are the absolute paths.")] = None,
     texts: Annotated[Optional[Path], typer.Option(
-        "--texts", help="FILE.txt (one caption per line; id = line number) or FILE.jsonl "
+        "--texts", show_default=False, help="FILE.txt (one caption per line; id = line number) or FILE.jsonl "
                         "({\"text\", optional \"id\", \"entities\"}).")] = None,
     dataset: Dataset = None,
     data_root: DataRoot = None,
@@ -49,7 +50,7 @@ def embed(
     shard_size: Annotated[int, typer.Option("--shard-size", help="Rows per shard (the unit of resuming).")] = 4096,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images or captions per forward pass.")] = 64,
     workers: Annotated[Optional[int], typer.Option(
-        "--workers", help="Image decoding processes. Default: min(4, CPUs); 0 decodes in the main process.")] = None,
+        "--workers", show_default=False, help="Image decoding processes. Default: min(4, CPUs); 0 decodes in the main process.")] = None,
     overwrite: Annotated[bool, typer.Option(
         "--overwrite", help="Replace embeddings already in OUT_DIR (even another model's) instead of resuming.")] = False,
     model: Model = None,
@@ -57,7 +58,8 @@ def embed(
     checkpoint: Checkpoint = None,
     device: Device = None,
     precision: PrecisionOpt = Precision.fp32,
-    json_: Json = False,
+    json_: Annotated[bool, typer.Option(
+        "--json", help="Print the summary as one JSON object on stdout (instead of one line on stderr).")] = False,
 ):
     with user_errors():
         from eclip.console import note, print_json

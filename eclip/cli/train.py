@@ -29,8 +29,16 @@ last.safetensors, curves.png, summary.json and state/ (saved atomically each epo
 
 def _opt(panel: str, default: str | None = None, help: str = "", *names: str, **kw):
     """A typer option whose own default is None (so --resume can tell what was given) but whose
-    help shows the real default."""
+    help shows the real default. Numbers show as N or X (narrow columns leave room for the help)."""
     return typer.Option(*names, rich_help_panel=panel, help=help, show_default=default or False, **kw)
+
+
+def _int(panel: str, default: str | None = None, help: str = "", *names: str, **kw):
+    return _opt(panel, default, help, *names, metavar="N", **kw)
+
+
+def _float(panel: str, default: str | None = None, help: str = "", *names: str, **kw):
+    return _opt(panel, default, help, *names, metavar="X", **kw)
 
 
 OptInt, OptFloat, OptBool, OptPath = Optional[int], Optional[float], Optional[bool], Optional[Path]
@@ -55,32 +63,33 @@ def train(
     device: Device = None,
     precision: Annotated[Optional[Precision], _opt(
         "Model", "fp32", "Mixed precision through Accelerate (weights stay fp32).", "--precision")] = None,
-    epochs: Annotated[OptInt, _opt(OPT, "20", min=1)] = None,
-    batch_size: Annotated[OptInt, _opt(OPT, "192", "GLOBAL batch (all processes together); an incomplete "
+    epochs: Annotated[OptInt, _int(OPT, "20", min=1)] = None,
+    batch_size: Annotated[OptInt, _int(OPT, "192", "GLOBAL batch (all processes together); an incomplete "
                                                    "last batch is dropped.", min=1)] = None,
-    lr: Annotated[OptFloat, _opt(OPT, "1e-5", "Peak learning rate (AdamW).", min=0.0)] = None,
-    weight_decay: Annotated[OptFloat, _opt(OPT, "0", min=0.0)] = None,
-    warmup_steps: Annotated[OptInt, _opt(OPT, "0", "Linear warm-up steps, then cosine decay to 0 over "
+    lr: Annotated[OptFloat, _float(OPT, "1e-5", "Peak learning rate of AdamW (which is Adam when "
+                                                  "--weight-decay is 0, the default).", min=0.0)] = None,
+    weight_decay: Annotated[OptFloat, _float(OPT, "0", min=0.0)] = None,
+    warmup_steps: Annotated[OptInt, _int(OPT, "0", "Linear warm-up steps, then cosine decay to 0 over "
                                                    "all steps.", min=0)] = None,
-    grad_accum: Annotated[OptInt, _opt(OPT, "1", "Batches per optimizer step (saves memory; negatives "
+    grad_accum: Annotated[OptInt, _int(OPT, "1", "Batches per optimizer step (saves memory; negatives "
                                                  "still come from one batch).", min=1)] = None,
-    seed: Annotated[OptInt, _opt(OPT, "42")] = None,
+    seed: Annotated[OptInt, _int(OPT, "42")] = None,
     lock_image: Annotated[OptBool, _opt(OPT, None, "Freeze the image tower.", "--lock-image")] = None,
     lock_text: Annotated[OptBool, _opt(OPT, None, "Freeze the text tower.", "--lock-text")] = None,
-    eta: Annotated[OptFloat, _opt(EXP, "0.1", "Weight of the GI-ITM matching loss.", min=0.0)] = None,
-    lam: Annotated[OptFloat, _opt(EXP, "0.1", "Weight of VTC on the experts' V*, T*.", "--lambda",
+    eta: Annotated[OptFloat, _float(EXP, "0.1", "Weight of the GI-ITM matching loss.", min=0.0)] = None,
+    lam: Annotated[OptFloat, _float(EXP, "0.1", "Weight of VTC on the experts' V*, T*.", "--lambda",
                                   min=0.0)] = None,
-    vision_experts: Annotated[OptInt, _opt(EXP, "4", min=0)] = None,
-    text_experts: Annotated[OptInt, _opt(EXP, "4", min=0)] = None,
-    shared_experts: Annotated[OptInt, _opt(EXP, "4", min=0)] = None,
+    vision_experts: Annotated[OptInt, _int(EXP, "4", min=0)] = None,
+    text_experts: Annotated[OptInt, _int(EXP, "4", min=0)] = None,
+    shared_experts: Annotated[OptInt, _int(EXP, "4", min=0)] = None,
     no_experts: Annotated[OptBool, _opt(EXP, None, "Plain CLIP fine-tuning (contrastive loss only): the "
                                                    "baseline to compare EntityCLIP with.", "--no-experts")] = None,
-    workers: Annotated[OptInt, _opt(RUN, "4", "Image-loading processes.", min=0)] = None,
-    eval_every: Annotated[OptInt, _opt(RUN, "0", "Also validate every N optimizer steps (0: at the end of "
+    workers: Annotated[OptInt, _int(RUN, "4", "Image-loading processes.", min=0)] = None,
+    eval_every: Annotated[OptInt, _int(RUN, "0", "Also validate every N optimizer steps (0: at the end of "
                                                  "each epoch only).", min=0)] = None,
-    save_every: Annotated[OptInt, _opt(RUN, "0", "Also save the resumable state every N optimizer steps "
+    save_every: Annotated[OptInt, _int(RUN, "0", "Also save the resumable state every N optimizer steps "
                                                  "(0: at the end of each epoch only).", min=0)] = None,
-    log_every: Annotated[OptInt, _opt(RUN, "10", "Log the mean losses every N optimizer steps.", min=1)] = None,
+    log_every: Annotated[OptInt, _int(RUN, "10", "Log the mean losses every N optimizer steps.", min=1)] = None,
     tensorboard: Annotated[OptBool, _opt(RUN, "on", "Write RUN_DIR/tensorboard (when the tensorboard "
                                                     "package is installed).", "--tensorboard/--no-tensorboard")] = None,
     json_out: Json = False,
