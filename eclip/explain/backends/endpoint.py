@@ -1,0 +1,158 @@
+"""An OpenAI-compatible HTTP server (vLLM, llama.cpp, Ollama, hosted APIs) as an explanation backend."""
+from __future__ import annotations
+
+import email.utils
+import http.client
+import json
+import os
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from typing import Iterator, Optional
+
+from eclip.errors import EclipError
+from eclip.explain.backends.huggingface import DEFAULT_MAX_NEW_TOKENS
+
+
+class EndpointBackend:
+    """POST {url}/chat/completions with `concurrency` threads (stdlib urllib: no extra
+    dependency). 429, 5xx, timeouts and dropped connections are retried with exponential
+    backoff, honouring Retry-After; an item still failing is reported as an error and the
+    run goes on. 401/403/404 stop the run: every other request would fail the same way.
+
+    The API key is read from the environment variable `api_key_env` and only ever put in
+    the Authorization header: never stored, printed or written into an error message."""
+
+    def __init__(self, url: str, model: str, *, api_key_env: Optional[str] = None, concurrency: int = 4,
+                 timeout: float = 60.0, retries: int = 4, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+                 seed: int = 0, backoff: float = 1.0, max_backoff: float = 60.0,
+                 max_consecutive_failures: int = 32):
+        if not model:
+            raise EclipError("--endpoint needs --llm NAME: the model name the server serves")
+        if not url.startswith(("http://", "https://")):
+            raise EclipError(f"--endpoint {url}: expected an http:// or https:// URL such as http://127.0.0.1:8000/v1")
+        if concurrency < 1:
+            raise EclipError(f"--concurrency must be at least 1, got {concurrency}")
+        if retries < 0:
+            raise EclipError(f"--retries must be 0 or more, got {retries}")
+        if timeout <= 0:
+            raise EclipError(f"--timeout must be positive, got {timeout}")
+        self.url = url.rstrip("/") + "/chat/completions"
+        self.name = model
+        self.concurrency = concurrency
+        self.timeout = timeout
+        self.retries = retries
+        self.max_new_tokens = max_new_tokens
+        self.seed = seed
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self.max_consecutive_failures = max_consecutive_failures
+        env = api_key_env or "OPENAI_API_KEY"
+        key = os.environ.get(env)
+        if api_key_env and not key:  # named explicitly: it must be there
+            raise EclipError(f"--api-key-env {api_key_env}: that environment variable is not set")
+        self._headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        if key:
+            self._headers["Authorization"] = f"Bearer {key}"
+        self._key = key
+        self._stop = threading.Event()
+
+    def __repr__(self):
+        return f"EndpointBackend(url={self.url!r}, model={self.name!r})"
+
+    def _scrub(self, text: str) -> str:
+        return text.replace(self._key, "***") if self._key else text
+
+    def _delay(self, attempt: int, retry_after: Optional[str]) -> float:
+        if retry_after:
+            try:
+                return min(max(float(retry_after), 0.0), self.max_backoff)
+            except ValueError:
+                try:
+                    when = email.utils.parsedate_to_datetime(retry_after).timestamp()
+                    return min(max(when - time.time(), 0.0), self.max_backoff)
+                except (TypeError, ValueError):
+                    pass
+        return min(self.backoff * (2 ** attempt), self.max_backoff)
+
+    def _one(self, prompt: str) -> tuple:
+        """(text, None) or (None, error). Raises EclipError for failures no retry can fix."""
+        body = json.dumps({"model": self.name, "messages": [{"role": "user", "content": prompt}],
+                           "max_tokens": self.max_new_tokens, "temperature": 0, "seed": self.seed}).encode()
+        error = None
+        for attempt in range(self.retries + 1):
+            if self._stop.is_set():
+                return None, "cancelled"
+            retry_after = None
+            try:
+                request = urllib.request.Request(self.url, data=body, headers=self._headers, method="POST")
+                with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                    raw = response.read()
+            except urllib.error.HTTPError as e:
+                detail = _snippet(e.read() if e.fp else b"")
+                error = self._scrub(f"HTTP {e.code} {e.reason}" + (f": {detail}" if detail else ""))
+                if e.code in (401, 403, 404):
+                    raise EclipError(f"{self.url}: {error}" + (
+                        " (check the API key variable)" if e.code in (401, 403) else " (check --endpoint and --llm)"))
+                if not (e.code == 429 or 500 <= e.code < 600):
+                    return None, error
+                retry_after = e.headers.get("Retry-After") if e.headers else None
+            except (TimeoutError, socket.timeout) as e:
+                error = f"timed out after {self.timeout:g} s"
+            except urllib.error.URLError as e:
+                reason = e.reason
+                error = f"timed out after {self.timeout:g} s" if isinstance(reason, (TimeoutError, socket.timeout)) \
+                    else self._scrub(f"cannot reach the endpoint: {reason}")
+            except (ConnectionError, http.client.HTTPException, OSError) as e:
+                error = self._scrub(f"connection failed: {type(e).__name__}: {e}")
+            else:
+                return self._parse(raw)
+            if attempt < self.retries and self._stop.wait(self._delay(attempt, retry_after)):
+                return None, "cancelled"
+        return None, f"{error} (after {self.retries + 1} attempts)"
+
+    def _parse(self, raw: bytes) -> tuple:
+        try:
+            text = json.loads(raw)["choices"][0]["message"]["content"]
+        except (ValueError, KeyError, IndexError, TypeError):
+            return None, self._scrub(f"malformed response (not an OpenAI chat completion): {_snippet(raw)}")
+        if not isinstance(text, str) or not text.strip():
+            return None, "the model generated no text"
+        return text.strip(), None
+
+    def generate(self, prompts: list) -> Iterator[tuple]:
+        if not prompts:
+            return
+        self._stop.clear()
+        pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="eclip-explain")
+        pending = {}
+        next_index = 0
+        failures_in_a_row = 0
+        try:
+            while pending or next_index < len(prompts):
+                while next_index < len(prompts) and len(pending) < 2 * self.concurrency:
+                    pending[pool.submit(self._one, prompts[next_index])] = next_index
+                    next_index += 1
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    i = pending.pop(future)
+                    text, error = future.result()  # EclipError (fatal) propagates from here
+                    failures_in_a_row = failures_in_a_row + 1 if error else 0
+                    yield i, text, error
+                    if failures_in_a_row >= self.max_consecutive_failures:
+                        raise EclipError(f"{self.url}: {failures_in_a_row} requests in a row failed, stopping "
+                                         f"(last: {error}); finished items are cached, re-run to go on")
+        finally:
+            self._stop.set()  # sleeping retries give up at once; requests in flight end within --timeout
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    def close(self):
+        self._stop.set()
+
+
+def _snippet(raw: bytes, n: int = 200) -> str:
+    text = raw.decode("utf-8", "replace").strip().replace("\n", " ")
+    return text[:n] + ("..." if len(text) > n else "")
