@@ -39,6 +39,17 @@ class Stub:
         stub = self
 
         class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):   # what a client sends after following a redirect of its POST
+                with stub.lock:
+                    stub.requests.append({"path": self.path, "auth": self.headers.get("Authorization"),
+                                          "body": None})
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                payload = ok_body("answered by the address redirected to")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 prompt = body["messages"][0]["content"]
@@ -161,34 +172,101 @@ def test_named_api_key_variable_must_be_set(monkeypatch):
         EndpointBackend("http://127.0.0.1:9/v1", "m", api_key_env="ECLIP_TEST_UNSET_KEY")
 
 
-def test_api_key_is_sent_but_never_written_or_printed(stub, tmp_path, monkeypatch):
-    sentinel = "sk-eclip-test-SENTINEL-7f3a9c"
+SENTINEL = "sk-eclip-test-SENTINEL-7f3a9c"
+LEAK = SENTINEL[:12]   # a key cut anywhere after its 12th character still shows this much
 
-    def behave(prompt, attempt):  # a server that echoes the key back in its errors
+
+def cli_runner():
+    try:
+        return CliRunner(mix_stderr=False)
+    except TypeError:
+        return CliRunner()
+
+
+def explain_cli(tmp_path, url, captions, *extra):
+    out_dir = tmp_path / "out"
+    (tmp_path / "captions.txt").write_text("\n".join(captions) + "\n")
+    (tmp_path / "prompt.txt").write_text(PLAIN)
+    r = cli_runner().invoke(app, ["explain", "--texts", str(tmp_path / "captions.txt"), "-o", str(out_dir / "c.jsonl"),
+                                  "--endpoint", url, "--llm", "stub-llm", "--api-key-env", "MY_LLM_KEY",
+                                  "--prompt-template", str(tmp_path / "prompt.txt"), "--retries", "0", "--json",
+                                  *extra])
+    written = [p for p in out_dir.rglob("*") if p.is_file()]
+    return r, written
+
+
+def assert_never_leaked(r, written):
+    for path in written:
+        assert LEAK.encode() not in path.read_bytes(), f"{path.name} holds the key: {path.read_text()[:500]}"
+    assert LEAK not in r.stdout and LEAK not in r.stderr
+
+
+def test_api_key_is_sent_but_never_written_or_printed(stub, tmp_path, monkeypatch):
+    def behave(prompt, attempt):  # a server that echoes the key back in its errors and answers
         if prompt == CAPTIONS[0]:
-            return 500, {}, f"bad request from Bearer {sentinel}".encode(), 0
+            return 500, {}, f"bad request from Bearer {SENTINEL}".encode(), 0
         if prompt == CAPTIONS[1]:
-            return 200, {}, f"<html>{sentinel}</html>".encode(), 0
+            return 200, {}, f"<html>{SENTINEL}</html>".encode(), 0
+        if prompt == CAPTIONS[2]:   # the key straddles the 200-character cut of an error body
+            return 503, {}, ("x" * 180 + f" Bearer {SENTINEL}").encode(), 0
+        if prompt == CAPTIONS[3]:   # a "successful" answer that echoes the key
+            return 200, {}, ok_body(f"Your key is {SENTINEL}, keep it safe."), 0
         return 200, {}, ok_body(prompt), 0
 
     s = stub(behave)
-    monkeypatch.setenv("MY_LLM_KEY", sentinel)
-    out_dir = tmp_path / "out"
-    (tmp_path / "captions.txt").write_text("\n".join(CAPTIONS[:4]) + "\n")
-    (tmp_path / "prompt.txt").write_text(PLAIN)
-    try:
-        runner = CliRunner(mix_stderr=False)
-    except TypeError:
-        runner = CliRunner()
-    r = runner.invoke(app, ["explain", "--texts", str(tmp_path / "captions.txt"), "-o", str(out_dir / "c.jsonl"),
-                            "--endpoint", s.url, "--llm", "stub-llm", "--api-key-env", "MY_LLM_KEY",
-                            "--prompt-template", str(tmp_path / "prompt.txt"), "--retries", "0", "--json"])
+    monkeypatch.setenv("MY_LLM_KEY", SENTINEL)
+    r, written = explain_cli(tmp_path, s.url, CAPTIONS[:5])
     assert r.exit_code == 0, r.output
-    assert json.loads(r.stdout)["failed"] == 2
-    assert all(req["auth"] == f"Bearer {sentinel}" for req in s.requests)
-    written = [p for p in out_dir.rglob("*") if p.is_file()]
-    assert written and all(sentinel.encode() not in p.read_bytes() for p in written)
-    assert sentinel not in r.stdout and sentinel not in r.stderr
+    assert json.loads(r.stdout)["failed"] == 3
+    assert all(req["auth"] == f"Bearer {SENTINEL}" for req in s.requests)
+    assert written
+    assert_never_leaked(r, written)
+    entries = {e["caption"]: e for e in iter_entries(tmp_path / "out" / "c.jsonl")}
+    assert "***" in entries[CAPTIONS[2]]["error"] and "***" in entries[CAPTIONS[3]]["explanation"]
+
+
+@pytest.mark.parametrize("ending", ["\n", "\r\n", "  "])
+def test_api_key_read_from_a_file_loses_its_line_ending(stub, tmp_path, monkeypatch, ending):
+    s = stub()
+    monkeypatch.setenv("MY_LLM_KEY", SENTINEL + ending)   # as `export KEY=$(cat key.txt)` or an .env file leaves it
+    r, written = explain_cli(tmp_path, s.url, CAPTIONS[:2])
+    assert r.exit_code == 0, r.output
+    assert [req["auth"] for req in s.requests] == [f"Bearer {SENTINEL}"] * 2
+    assert_never_leaked(r, written)
+
+
+def test_api_key_with_a_line_break_inside_is_refused_without_printing_it(stub, tmp_path, monkeypatch):
+    s = stub()
+    monkeypatch.setenv("MY_LLM_KEY", SENTINEL[:14] + "\n" + SENTINEL[14:])
+    r, written = explain_cli(tmp_path, s.url, CAPTIONS[:2])
+    assert r.exit_code == 2 and "MY_LLM_KEY" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not s.requests
+    assert_never_leaked(r, written)
+
+
+@pytest.mark.parametrize("code", [301, 302, 303, 307, 308])
+def test_redirect_to_another_address_never_gets_the_key(stub, tmp_path, monkeypatch, code):
+    elsewhere = stub()   # another port: another origin
+    s = stub(lambda prompt, attempt: (code, {"Location": elsewhere.url + "/chat/completions"}, b"moved", 0))
+    monkeypatch.setenv("MY_LLM_KEY", SENTINEL)
+    r, written = explain_cli(tmp_path, s.url, CAPTIONS[:3])
+    assert r.exit_code == 2, r.output
+    line = r.stderr.strip()
+    assert len(line.splitlines()) == 1 and s.url in line and elsewhere.url in line and "redirect" in line
+    assert [req["auth"] for req in elsewhere.requests if req["auth"]] == []
+    assert read_cache(tmp_path / "out" / "c.jsonl") == {} if (tmp_path / "out" / "c.jsonl").exists() else True
+    assert_never_leaked(r, written)
+
+
+def test_redirect_within_the_same_address_is_followed(stub, tmp_path, monkeypatch):
+    where = {}
+    s = stub(lambda prompt, attempt: (302, {"Location": where["url"] + "/moved"}, b"moved", 0))
+    where["url"] = s.url
+    monkeypatch.setenv("MY_LLM_KEY", SENTINEL)
+    r, written = explain_cli(tmp_path, s.url, CAPTIONS[:1])
+    assert r.exit_code == 0, r.output
+    assert [req["path"] for req in s.requests] == ["/v1/chat/completions", "/v1/moved"]
+    assert read_cache(tmp_path / "out" / "c.jsonl") == {CAPTIONS[0]: "About: answered by the address redirected to"}
 
 
 def test_killed_run_resumes_with_every_caption_exactly_once(stub, tmp_path):

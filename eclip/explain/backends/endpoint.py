@@ -9,6 +9,7 @@ import socket
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from typing import Iterator, Optional
@@ -23,8 +24,11 @@ class EndpointBackend:
     backoff, honouring Retry-After; an item still failing is reported as an error and the
     run goes on. 401/403/404 stop the run: every other request would fail the same way.
 
-    The API key is read from the environment variable `api_key_env` and only ever put in
-    the Authorization header: never stored, printed or written into an error message."""
+    The API key is read from the environment variable `api_key_env` (surrounding whitespace,
+    such as the line ending of a key read from a file, is dropped) and only ever put in the
+    Authorization header of requests to the --endpoint address: a redirect to another
+    address (host, port or scheme) is refused, and the key is masked in every text the
+    backend returns (answers and errors that echo it) and in its error messages."""
 
     def __init__(self, url: str, model: str, *, api_key_env: Optional[str] = None, concurrency: int = 4,
                  timeout: float = 60.0, retries: int = 4, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
@@ -50,21 +54,19 @@ class EndpointBackend:
         self.backoff = backoff
         self.max_backoff = max_backoff
         self.max_consecutive_failures = max_consecutive_failures
-        env = api_key_env or "OPENAI_API_KEY"
-        key = os.environ.get(env)
-        if api_key_env and not key:  # named explicitly: it must be there
-            raise EclipError(f"--api-key-env {api_key_env}: that environment variable is not set")
+        key = _read_key(api_key_env)
         self._headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if key:
             self._headers["Authorization"] = f"Bearer {key}"
         self._key = key
+        self._opener = urllib.request.build_opener(_SameOriginRedirects(bool(key)))
         self._stop = threading.Event()
 
     def __repr__(self):
         return f"EndpointBackend(url={self.url!r}, model={self.name!r})"
 
-    def _scrub(self, text: str) -> str:
-        return text.replace(self._key, "***") if self._key else text
+    def _scrub(self, text: Optional[str]) -> Optional[str]:
+        return text.replace(self._key, "***") if self._key and text else text
 
     def _delay(self, attempt: int, retry_after: Optional[str]) -> float:
         if retry_after:
@@ -89,10 +91,10 @@ class EndpointBackend:
             retry_after = None
             try:
                 request = urllib.request.Request(self.url, data=body, headers=self._headers, method="POST")
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                with self._opener.open(request, timeout=self.timeout) as response:
                     raw = response.read()
             except urllib.error.HTTPError as e:
-                detail = _snippet(e.read() if e.fp else b"")
+                detail = _snippet(self._scrub(_text(e.read() if e.fp else b"")))   # mask, then cut
                 error = self._scrub(f"HTTP {e.code} {e.reason}" + (f": {detail}" if detail else ""))
                 if e.code in (401, 403, 404):
                     raise EclipError(f"{self.url}: {error}" + (
@@ -100,7 +102,7 @@ class EndpointBackend:
                 if not (e.code == 429 or 500 <= e.code < 600):
                     return None, error
                 retry_after = e.headers.get("Retry-After") if e.headers else None
-            except (TimeoutError, socket.timeout) as e:
+            except (TimeoutError, socket.timeout):
                 error = f"timed out after {self.timeout:g} s"
             except urllib.error.URLError as e:
                 reason = e.reason
@@ -118,10 +120,10 @@ class EndpointBackend:
         try:
             text = json.loads(raw)["choices"][0]["message"]["content"]
         except (ValueError, KeyError, IndexError, TypeError):
-            return None, self._scrub(f"malformed response (not an OpenAI chat completion): {_snippet(raw)}")
+            return None, f"malformed response (not an OpenAI chat completion): {_snippet(self._scrub(_text(raw)))}"
         if not isinstance(text, str) or not text.strip():
             return None, "the model generated no text"
-        return text.strip(), None
+        return self._scrub(text.strip()), None
 
     def generate(self, prompts: list) -> Iterator[tuple]:
         if not prompts:
@@ -139,7 +141,11 @@ class EndpointBackend:
                 done, _ = wait(pending, return_when=FIRST_COMPLETED)
                 for future in done:
                     i = pending.pop(future)
-                    text, error = future.result()  # EclipError (fatal) propagates from here
+                    try:
+                        text, error = future.result()
+                    except EclipError as e:   # fatal: stops the run, never with the key in it
+                        raise EclipError(self._scrub(str(e)), e.exit_code) from None
+                    text, error = self._scrub(text), self._scrub(error)   # whatever path made them
                     failures_in_a_row = failures_in_a_row + 1 if error else 0
                     yield i, text, error
                     if failures_in_a_row >= self.max_consecutive_failures:
@@ -153,6 +159,44 @@ class EndpointBackend:
         self._stop.set()
 
 
-def _snippet(raw: bytes, n: int = 200) -> str:
-    text = raw.decode("utf-8", "replace").strip().replace("\n", " ")
+def _text(raw: bytes) -> str:
+    return raw.decode("utf-8", "replace")
+
+
+def _snippet(text: str, n: int = 200) -> str:
+    text = text.strip().replace("\n", " ")
     return text[:n] + ("..." if len(text) > n else "")
+
+
+def _read_key(api_key_env: Optional[str]) -> Optional[str]:
+    """The API key from `api_key_env` (default OPENAI_API_KEY, optional), without surrounding
+    whitespace; one that cannot go in an HTTP header is refused without being shown."""
+    env = api_key_env or "OPENAI_API_KEY"
+    key = (os.environ.get(env) or "").strip()
+    if api_key_env and not key:  # named explicitly: it must be there
+        raise EclipError(f"--api-key-env {api_key_env}: that environment variable is not set (or empty)")
+    if any(not 0x21 <= ord(c) <= 0x7E for c in key):   # RFC 6750 tokens are visible ASCII
+        raise EclipError(f"${env}: the API key holds a line break, space or other character that cannot go in "
+                         f"an HTTP header (the key is not shown); check how the variable was set")
+    return key or None
+
+
+def _origin(url: str) -> tuple:
+    parts = urllib.parse.urlsplit(url)
+    port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+    return parts.scheme, (parts.hostname or "").lower(), port
+
+
+class _SameOriginRedirects(urllib.request.HTTPRedirectHandler):
+    """urllib copies every header, Authorization included, into the request it sends after a
+    redirect: with a key, a redirect to another origin (scheme, host, port) is refused."""
+
+    def __init__(self, has_key: bool):
+        self.has_key = has_key
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        if self.has_key and _origin(newurl) != _origin(req.full_url):
+            raise EclipError(f"{req.full_url}: the server redirects (HTTP {code}) to {newurl}, another address; "
+                             f"eclip does not send the API key there (point --endpoint at that address if you "
+                             f"trust it)")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
