@@ -265,3 +265,52 @@ def test_attach_explanations_counts_and_errors(tmp_path):
         attach_explanations(records, cache)
     with pytest.raises(EclipError, match="not found"):
         attach_explanations(records, tmp_path / "absent.jsonl")
+
+
+# --- malformed tables: one line naming the file and the line ------------------------------
+
+LATIN1 = "Angela Merkel in K\u00f6ln".encode("latin-1")   # 0xf6: not UTF-8
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
+def test_table_not_utf8_names_file_and_line(tmp_path, suffix):
+    path = tmp_path / f"mine{suffix}"
+    if suffix == ".jsonl":
+        path.write_bytes(b'{"image": "a.jpg", "text": "fine"}\n{"image": "b.jpg", "text": "' + LATIN1 + b'"}\n')
+    else:
+        path.write_bytes(b'image,text\na.jpg,fine\nb.jpg,"' + LATIN1 + b'"\n')
+    with pytest.raises(EclipError) as info:
+        read_dataset(str(path))
+    line = 2 if suffix == ".jsonl" else 3   # the CSV's header is line 1
+    assert str(info.value).startswith(f"{path} line {line}: not UTF-8")
+
+
+def test_table_field_of_the_wrong_type_is_named(tmp_path):
+    path = tmp_path / "mine.jsonl"
+    path.write_text('{"image": "a.jpg", "text": 123}\n')
+    with pytest.raises(EclipError, match=r"mine.jsonl line 1: 'text' must be a string \(got int\)"):
+        read_dataset(str(path))
+    path.write_text('{"image": ["a.jpg"], "text": "t"}\n')
+    with pytest.raises(EclipError, match=r"mine.jsonl line 1: 'image' must be a string \(got list\)"):
+        read_dataset(str(path))
+
+
+@pytest.mark.parametrize("rid", [{"a": 1}, [1, 2], True])
+def test_table_id_that_is_not_a_string_or_number_is_refused(tmp_path, rid):
+    path = tmp_path / "mine.jsonl"
+    path.write_text(json.dumps({"image": "a.jpg", "text": "t", "id": rid}) + "\n")
+    with pytest.raises(EclipError, match=r"mine.jsonl line 1: 'id' must be a string or a number"):
+        read_dataset(str(path))
+
+
+def test_table_numeric_ids_still_read(tmp_path):
+    path = tmp_path / "mine.jsonl"
+    path.write_text('{"image": "a.jpg", "text": "t", "id": 7}\n{"image": "b.jpg", "text": "u", "id": "x"}\n')
+    assert [r.id for r in read_dataset(str(path))] == ["7", "x"]
+
+
+def test_csv_unterminated_quote_is_refused(tmp_path):
+    path = tmp_path / "mine.csv"
+    path.write_text('image,text\na.jpg,fine\nb.jpg,"never closed\nc.jpg,swallowed\n')
+    with pytest.raises(EclipError, match=r"mine.csv line 3: .*quote"):
+        read_dataset(str(path))

@@ -8,6 +8,7 @@ and embed skip and log (eclip.data.images), a bad dataset file is not.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from pathlib import Path
@@ -143,7 +144,9 @@ def read_table(path) -> list[Record]:
         where = f"{path} line {line}"
         image, text = row.get("image"), row.get("text", row.get("caption"))
         for field, value in (("image", image), ("text", text)):
-            if not isinstance(value, str) or not value.strip():
+            if value is not None and not isinstance(value, str):
+                raise EclipError(f"{where}: '{field}' must be a string (got {type(value).__name__})")
+            if value is None or not value.strip():
                 raise EclipError(f"{where}: missing field '{field}'")
         image_path = Path(image).expanduser()
         if not image_path.is_absolute():   # absolute paths are the user's own choice
@@ -152,33 +155,53 @@ def read_table(path) -> list[Record]:
         if explanation is not None and not isinstance(explanation, str):
             raise EclipError(f"{where}: 'explanation' is not text")
         rid = row.get("id")
+        if isinstance(rid, bool) or not isinstance(rid, (str, int, float, type(None))):
+            raise EclipError(f"{where}: 'id' must be a string or a number (got {type(rid).__name__})")
         records.append(Record(str(line) if rid in (None, "") else str(rid), str(image_path), text,
                               explanation, _entities(row.get("entities"), where)))
     return _checked(records, path, len(records))
 
 
+def read_utf8(path) -> str:
+    """The text of `path` (a UTF-8 BOM dropped); EclipError naming the line of the first byte
+    that is not UTF-8."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise EclipError(f"{path} line {line}: not UTF-8 text (byte 0x{data[e.start]:02x} at column {column}); "
+                         f"save the file as UTF-8") from None
+
+
 def _jsonl_rows(path):
-    with open(path, encoding="utf-8-sig") as f:
-        for line, text in enumerate(f, start=1):
-            if not text.strip():
-                continue
-            try:
-                row = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise EclipError(f"{path} line {line}: invalid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise EclipError(f"{path} line {line}: expected a JSON object")
-            yield line, row
+    # split on \n only: str.splitlines would also split inside captions (U+2028, U+0085, form feed)
+    for line, text in enumerate(read_utf8(path).split("\n"), start=1):
+        if not text.strip():
+            continue
+        try:
+            row = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise EclipError(f"{path} line {line}: invalid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise EclipError(f"{path} line {line}: expected a JSON object")
+        yield line, row
 
 
 def _csv_rows(path):
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        reader = csv.DictReader(f)
+    # strict: an unterminated quote is an error, not a field that swallows the rest of the file
+    reader = csv.DictReader(io.StringIO(read_utf8(path), newline=""), strict=True)
+    while True:
+        start = reader.reader.line_num + 1   # where the next record begins
         try:
-            for row in reader:
-                yield reader.line_num, row
+            row = next(reader)
+        except StopIteration:
+            return
         except csv.Error as e:
-            raise EclipError(f"{path} line {reader.line_num}: {e}") from None
+            reason = "a quoted field is never closed (unterminated quote)" if "end of data" in str(e) else str(e)
+            raise EclipError(f"{path} line {start}: {reason}") from None
+        yield reader.line_num, row
 
 
 def _entities(value, where: str) -> list:
