@@ -4,4 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
 export HF_HUB_OFFLINE=1
-exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+# -q comes from pyproject.toml (addopts); a second -q would hide the closing "N passed" line
+exec .venv/bin/python -m pytest -p no:cacheprovider "$@"
