@@ -50,7 +50,8 @@ def image_inputs(arg: str) -> list[dict]:
                       if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_EXTENSIONS]
         paths, empty = sorted(os.path.abspath(p) for p in paths), "no image files in this folder"
     elif path.is_file() and path.suffix.lower() in LIST_SUFFIXES:
-        lines = [line.strip() for line in path.read_text(encoding="utf-8", errors="replace").splitlines()]
+        from eclip.data.readers import read_lines
+        lines = [line.strip() for _, line in read_lines(path)]
         paths = [os.path.abspath(path.parent / Path(line).expanduser())
                  for line in lines if line and not line.startswith("#")]
         empty = "the list names no files"
@@ -73,10 +74,10 @@ def text_inputs(arg) -> list[dict]:
     path = Path(arg).expanduser()
     if not path.is_file():
         raise EclipError(f"--texts {arg}: no such file")
+    from eclip.data.readers import read_lines
     items = []
-    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
     jsonl = path.suffix.lower() in (".jsonl", ".ndjson")
-    for number, line in enumerate(lines, 1):
+    for number, line in read_lines(path):
         if not line.strip():
             continue
         if not jsonl:
@@ -85,10 +86,10 @@ def text_inputs(arg) -> list[dict]:
         try:
             d = json.loads(line)
         except ValueError as e:
-            raise EclipError(f"{path}:{number}: invalid JSON ({e})")
+            raise EclipError(f"{path} line {number}: invalid JSON ({e})") from None
         text = d.get("text", d.get("caption")) if isinstance(d, dict) else None
         if not isinstance(text, str):
-            raise EclipError(f"{path}:{number}: needs a \"text\" (or \"caption\") string")
+            raise EclipError(f"{path} line {number}: needs a \"text\" (or \"caption\") string")
         entities = d.get("entities") or []
         items.append({"id": str(d.get("id", number)), "text": text,
                       "entities": json.dumps(entities, ensure_ascii=False)})

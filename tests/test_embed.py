@@ -265,7 +265,7 @@ def test_image_and_text_inputs(tmp_path, photos):
     rows = text_inputs(tmp_path / "caps.jsonl")
     assert [(t["id"], t["text"], json.loads(t["entities"])) for t in rows] == [("x", "a", []), ("2", "b", [{"text": "b"}])]
     (tmp_path / "bad.jsonl").write_text('{"text": "a"}\n{oops\n')
-    with pytest.raises(EclipError, match="bad.jsonl:2: invalid JSON"):
+    with pytest.raises(EclipError, match="bad.jsonl line 2: invalid JSON"):
         text_inputs(tmp_path / "bad.jsonl")
 
 

@@ -86,15 +86,14 @@ def _inputs(dataset, data_root, split, texts):
     if dataset and texts:
         raise EclipError("give --dataset or --texts, not both")
     if texts:
+        from eclip.data.readers import read_lines
         try:
-            lines = Path(texts).read_text(encoding="utf-8").splitlines()
+            lines = read_lines(texts)
         except FileNotFoundError:
             raise EclipError(f"{texts}: captions file not found") from None
         except IsADirectoryError:
             raise EclipError(f"{texts}: is a folder; --texts wants a text file with one caption per line") from None
-        except UnicodeDecodeError:
-            raise EclipError(f"{texts}: not UTF-8 text") from None
-        captions = [line.strip() for line in lines if line.strip()]
+        captions = [line.strip() for _, line in lines if line.strip()]
         if not captions:
             raise EclipError(f"{texts}: no captions (expected one caption per line)")
         return captions

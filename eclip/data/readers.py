@@ -175,9 +175,15 @@ def read_utf8(path) -> str:
                          f"save the file as UTF-8") from None
 
 
+def read_lines(path) -> list[tuple[int, str]]:
+    """[(line number, text)] of a UTF-8 file (read_utf8), split at \n only (a \r before it is
+    dropped): str.splitlines() would also split inside a caption at U+2028, U+0085 or a form feed."""
+    return [(number, text[:-1] if text.endswith("\r") else text)
+            for number, text in enumerate(read_utf8(path).split("\n"), start=1)]
+
+
 def _jsonl_rows(path):
-    # split on \n only: str.splitlines would also split inside captions (U+2028, U+0085, form feed)
-    for line, text in enumerate(read_utf8(path).split("\n"), start=1):
+    for line, text in read_lines(path):
         if not text.strip():
             continue
         try:
