@@ -40,14 +40,27 @@ IDENTITY_KEYS = ("model", "pretrained", "checkpoint_sha256", "preprocess")
 
 # ---- model identity ---------------------------------------------------------------------
 
-def comparable_identity(identity: dict) -> dict:
-    """The part of an identity that must match; a pretrained weights file compares by absolute path."""
+def comparable_identity(identity: dict, by_content: bool = True) -> dict:
+    """The part of an identity that must match. A checkpoint compares by its sha256, a model-config
+    file by the sha256 of its bytes (`model_sha256`, when `by_content`), other files by absolute
+    path (stores from before model_sha256 keep the path as it was typed)."""
     out = {k: identity.get(k) for k in IDENTITY_KEYS}
     if out["checkpoint_sha256"]:     # a checkpoint alone defines the model, wherever it lies
         out["model"] = out["pretrained"] = None
-    elif out["pretrained"] and os.path.isfile(str(out["pretrained"])):
-        out["pretrained"] = os.path.abspath(str(out["pretrained"]))
+    else:
+        if by_content and identity.get("model_sha256"):
+            out["model"] = f"sha256:{identity['model_sha256']}"
+        elif out["model"] and os.path.isfile(str(out["model"])):
+            out["model"] = os.path.realpath(str(out["model"]))
+        if out["pretrained"] and os.path.isfile(str(out["pretrained"])):
+            out["pretrained"] = os.path.realpath(str(out["pretrained"]))
     return json.loads(json.dumps(out, sort_keys=True))   # tuples -> lists, as stored
+
+
+def _comparable_pair(a: dict, b: dict) -> tuple[dict, dict]:
+    """Content compares only when both sides know it (a store written before model_sha256 existed)."""
+    by_content = bool(a.get("model_sha256")) and bool(b.get("model_sha256"))
+    return comparable_identity(a, by_content), comparable_identity(b, by_content)
 
 
 def describe_identity(identity: dict) -> str:
@@ -58,7 +71,7 @@ def describe_identity(identity: dict) -> str:
 
 def check_identity(stored: dict, current: dict, where) -> None:
     """EclipError unless `current` (EntityCLIP.identity()) makes the same vectors as `stored`."""
-    a, b = comparable_identity(stored), comparable_identity(current)
+    a, b = _comparable_pair(stored, current)
     if a == b:
         return
     differ = [k for k in IDENTITY_KEYS if a.get(k) != b.get(k)]
@@ -367,8 +380,9 @@ def check_spec(store: EmbeddingStore, spec) -> None:
         given = {"checkpoint_sha256": sha256_file(spec.checkpoint)}
         same = given["checkpoint_sha256"] == store.identity.get("checkpoint_sha256")
     else:
-        given = {"model": spec.model, "pretrained": spec.pretrained, "checkpoint_sha256": None}
-        mine, theirs = comparable_identity(given), comparable_identity(store.identity)
+        from eclip.model.factory import model_source
+        given = model_source(spec)
+        mine, theirs = _comparable_pair(given, store.identity)
         same = all(mine[k] == theirs[k] for k in ("model", "pretrained", "checkpoint_sha256"))
     if not same:
         raise EclipError(f"{store.path}: embeddings were made with {describe_identity(store.identity)}, not with "

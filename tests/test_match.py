@@ -217,3 +217,29 @@ def test_stream_preprocess_split_equals_the_model_transform(checkpoint, real_ima
     image = load_image(real_images["rocket"])
     assert torch.equal(tensor_stage(image_stage(image)), model.preprocess(image))
     assert image_stage(image).size == (64, 64)      # the reader thread hands over small images
+
+
+def test_gallery_made_with_a_relative_model_path_is_found_again(tmp_path, tiny_config_path, real_images,
+                                                                 monkeypatch):
+    """`--model tiny.json` typed in the folder that holds it: match --gallery works from there
+    and from elsewhere; a copy of the same config elsewhere is the same model, another config is not."""
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "tiny.json").write_bytes(tiny_config_path.read_bytes())
+    monkeypatch.chdir(work)
+    run("embed", "--model", "tiny.json", "--pretrained", "none", "--images", real_images["coffee"],
+        "--output", "g", "--workers", "0")
+    assert json.loads(run("match", "--gallery", "g", "a cup of coffee", "--json").stdout)["results"][0]["matches"]
+    run("match", "--gallery", "g", "a cup of coffee", "--model", "tiny.json", "--pretrained", "none")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "copy.json").write_bytes(tiny_config_path.read_bytes())
+    monkeypatch.chdir(elsewhere)
+    run("match", "--gallery", work / "g", "a cup of coffee")
+    run("match", "--gallery", work / "g", "a cup of coffee", "--model", "copy.json", "--pretrained", "none")
+    config = json.loads(tiny_config_path.read_text())
+    config["vision_cfg"]["layers"] = 1
+    (elsewhere / "other.json").write_text(json.dumps(config))
+    refused = run("match", "--gallery", work / "g", "a cup of coffee", "--model", "other.json", "--pretrained",
+                  "none", code=2)
+    assert "embeddings were made with" in refused.stderr

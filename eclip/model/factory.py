@@ -158,16 +158,34 @@ def load_model(spec: ModelSpec | None = None, *, model=None, pretrained=None, ch
         from eclip.checkpoint import load_checkpoint
         m = load_checkpoint(spec.checkpoint, device=device)
         return _cast(m, spec.precision)
-    arch = spec.model or DEFAULT_MODEL
-    weights = spec.pretrained
+    arch, weights = spec.model or DEFAULT_MODEL, spec.pretrained
     if spec.model is None and weights is None:
         weights = DEFAULT_PRETRAINED
     name, clip_cfg, tokenizer = resolve_architecture(arch)
     file_or_tag, tag_cfg = resolve_pretrained(name, weights)
     m = build(name, clip_cfg, tokenizer, experts or ExpertConfig(), loss or LossConfig(),
               pretrained=file_or_tag, tag_cfg=tag_cfg, device=device)
-    m.source = {"model": arch, "pretrained": weights, "checkpoint_sha256": None}
+    m.source = model_source(spec)
     return _cast(m, spec.precision)
+
+
+def model_source(spec: ModelSpec) -> dict:
+    """What model options name, the same from any folder (no checkpoint: that is named by its
+    sha256): files by absolute path, and a model-config file also by the sha256 of its bytes
+    (`model_sha256`), so a relative path, an absolute one and a copy elsewhere are one model.
+    Cheap: nothing is built."""
+    arch, weights = spec.model or DEFAULT_MODEL, spec.pretrained
+    if spec.model is None and weights is None:
+        weights = DEFAULT_PRETRAINED
+    model, model_sha256 = arch, None
+    if arch.startswith("local-dir:") and os.path.isdir(arch[len("local-dir:"):]):
+        model = "local-dir:" + os.path.realpath(arch[len("local-dir:"):])
+    elif os.path.isfile(arch):
+        model = os.path.realpath(arch)
+        model_sha256 = hashlib.sha256(Path(arch).read_bytes()).hexdigest()
+    if weights and os.path.isfile(str(weights)):
+        weights = os.path.realpath(str(weights))
+    return {"model": model, "model_sha256": model_sha256, "pretrained": weights, "checkpoint_sha256": None}
 
 
 def build(name, clip_cfg, tokenizer_name, experts, loss, pretrained=None, tag_cfg=None, device="cpu",
