@@ -1,5 +1,6 @@
 """Whole-or-nothing file writes: write a temporary file beside the target, fsync, rename."""
 import contextlib
+import errno
 import os
 import tempfile
 from pathlib import Path
@@ -30,3 +31,28 @@ def write_text(path, text: str) -> None:
 def write_bytes(path, data: bytes) -> None:
     with atomic_path(path) as tmp:
         Path(tmp).write_bytes(data)
+
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+NEARLY_FULL = 1 << 20   # bytes
+
+
+def disk_full(exc: BaseException, path=None) -> bool:
+    """True when `exc` (or what caused it) is a full disk or quota. With `path`, also when the write
+    failed without saying why and the filesystem of `path` is (nearly) full: torch's zip writer
+    reports a full disk as "[enforce fail at inline_container.cc] unexpected pos"."""
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in NO_SPACE:
+            return True
+        text = str(seen)
+        if "No space left on device" in text or "os error 28" in text or "Disk quota exceeded" in text:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    if path is not None:
+        try:
+            st = os.statvfs(path)
+        except OSError:
+            return False
+        return st.f_bavail * st.f_frsize < NEARLY_FULL
+    return False

@@ -20,6 +20,7 @@ from eclip.data.dataset import ImageDataset, collate_images
 from eclip.embedstore import DTYPES, ERRORS, check_identity, finalize, finished_files, \
     leftover_temp_files, our_files, plan_shards, stored_identity, write_shard
 from eclip.errors import EclipError
+from eclip.lock import lock_folder
 from eclip.match import IMAGE_EXTENSIONS, autocast, load_inference_model
 
 DEFAULT_SHARD_SIZE = 4096
@@ -157,6 +158,18 @@ def embed(spec, output, *, images=None, texts=None, dataset=None, data_root=None
 
     started = time.perf_counter()
     accelerator = _accelerator(spec.device)
+    # one writer per folder: the main process holds its lock for the whole run
+    lock = lock_folder(output) if accelerator.is_main_process else None
+    try:
+        return _embed(spec, output, accelerator, started, image_items, text_items, source, dtype, shard_size,
+                      batch_size, workers, overwrite)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _embed(spec, output, accelerator, started, image_items, text_items, source, dtype, shard_size, batch_size,
+           workers, overwrite) -> dict:
     rank, world = accelerator.process_index, accelerator.num_processes
     device = spec.device if (spec.device and world == 1) else str(accelerator.device)
     model = load_inference_model(_with_device(spec, device))

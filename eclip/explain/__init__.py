@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 from eclip.errors import EclipError
+from eclip.lock import lock_file
 from eclip.explain.cache import CacheWriter, cached_keys, make_entry, merge_parts
 from eclip.explain.processes import rank_world, shard
 from eclip.explain.prompt import DEFAULT_TEMPLATE, prompt_sha256, render, validate_template
@@ -84,10 +85,20 @@ def explain_records(records_or_captions, backend, cache_path, prompt_template: s
     if cache_path is None and not dry_run:
         raise EclipError("an output cache file is needed (--output CACHE.jsonl)")
     items, n_records = unique_captions(records_or_captions, limit)
-    model = backend.name
     rank, world = rank_world()
     cache_path = Path(cache_path) if cache_path is not None else None
+    # one writer per cache: two runs would each generate (and pay for) what the other is generating
+    lock = lock_file(cache_path) if cache_path is not None and not dry_run and rank == 0 else None
+    try:
+        return _explain(items, n_records, backend, cache_path, template, sha, rank, world, dry_run, show_progress,
+                        t0)
+    finally:
+        if lock is not None:
+            lock.release()
 
+
+def _explain(items, n_records, backend, cache_path, template, sha, rank, world, dry_run, show_progress, t0):
+    model = backend.name
     if cache_path is not None and world == 1 and not dry_run and part_files(cache_path):
         merge_parts(cache_path, part_files(cache_path))  # left by a killed multi-process run
     done = cached_keys(cache_path, *part_files(cache_path)) if cache_path is not None else set()

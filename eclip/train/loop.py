@@ -13,10 +13,12 @@ from dataclasses import replace
 
 import torch
 
+from eclip.atomic import disk_full
 from eclip.config import TrainConfig
 from eclip.errors import EclipError
+from eclip.lock import lock_folder
 from eclip.train.record import Recorder, announce, plot_curves
-from eclip.train.rundir import RunDir
+from eclip.train.rundir import RunDir, with_absolute_paths
 from eclip.train.step import clamp_logit_scale, common_batch, forward_backward, negatives_generator
 
 LOSSES = ("loss", "vtc", "gfm", "vtc_star")
@@ -36,6 +38,14 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         return trainer.fit()
     except KeyboardInterrupt:
         raise EclipError(f"interrupted; continue with: eclip train --resume {cfg.output}", exit_code=130) from None
+    except EclipError:
+        raise
+    except Exception as e:
+        if not disk_full(e):
+            raise
+        where = getattr(e, "filename", None) or cfg.output
+        raise EclipError(f"{where}: no space left on device; free some space, then continue with: "
+                         f"eclip train --resume {cfg.output}") from None
     finally:
         if trainer is not None:
             trainer.close()
@@ -43,16 +53,28 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, resume: bool):
-        from accelerate.utils import set_seed
-
-        from eclip.data.dataset import PairDataset, SkipLog
-        from eclip.train.setup import (build_model, cosine_schedule, group_ids, make_accelerator, make_optimizer,
-                                       pair_loader, read_splits, val_source)
+        from eclip.train.setup import make_accelerator
         if not cfg.dataset:
             raise EclipError("--dataset is required (or --resume RUN_DIR to continue a run)")
         self.run = RunDir(cfg.output)
         self.acc = acc = make_accelerator(cfg)
         self.main = acc.is_main_process
+        # one run per folder: the main process holds its lock until close() (or the process ends)
+        self.lock = lock_folder(self.run.path) if self.main else None
+        try:
+            self._setup(cfg, resume)
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(self, cfg: TrainConfig, resume: bool) -> None:
+        from accelerate.utils import set_seed
+
+        from eclip.data.dataset import PairDataset, SkipLog
+        from eclip.train.setup import (build_model, cosine_schedule, group_ids, make_optimizer, pair_loader,
+                                       read_splits, val_source)
+        acc = self.acc
+        cfg = with_absolute_paths(cfg)   # config.json then resumes from any directory
         if not resume:
             self.run.check_fresh()
         set_seed(cfg.seed)
@@ -82,7 +104,7 @@ class Trainer:
         self.rec = Recorder(self.run.path, self.main, cfg.tensorboard, self.t["step"], self.total_steps)
         self.skiplog = SkipLog(self.run / "skipped.jsonl") if self.main else None
         self.start = time.perf_counter() - self.t["elapsed_s"]
-        self._reset_window()
+        self._reset_window(self.t.get("window"))   # a resume inside a logging window continues that window
         where = f"from step {self.t['step']}" if latest else "from the start"
         announce(f"training {len(self.train_records)} pairs ({self.batches_per_epoch} batches of {cfg.batch_size} "
                  f"per epoch, {self.total_steps} optimizer steps) on {acc.num_processes} process(es), "
@@ -148,9 +170,23 @@ class Trainer:
                 self._save()
 
     # ---- numbers ----
-    def _reset_window(self) -> None:
+    def _reset_window(self, saved: dict | None = None) -> None:
         self.window = {k: 0.0 for k in LOSSES}
         self.window_batches, self.window_pairs, self.window_start = 0, 0, time.perf_counter()
+        if saved:
+            for k, v in saved["sums"].items():
+                self.window[k] = torch.tensor(v, dtype=torch.float32, device=self.acc.device)
+            self.window_batches, self.window_pairs = saved["batches"], saved["pairs"]
+            self.window_start -= saved["seconds"]
+
+    def _window_state(self) -> dict:
+        """The logging window so far, for the saved state: the losses summed over its batches (the
+        mean over processes, which is what _log reduces them to), its batch and pair counts, its time.
+        Float32 sums go through JSON exactly, so a resumed run logs the same numbers."""
+        keys = [k for k in LOSSES if torch.is_tensor(self.window[k])]
+        sums = self.acc.reduce(torch.stack([self.window[k] for k in keys]), "mean").tolist() if keys else []
+        return {"sums": dict(zip(keys, sums)), "batches": self.window_batches, "pairs": self.window_pairs,
+                "seconds": time.perf_counter() - self.window_start}
 
     def _track(self, out: dict, pairs: int) -> None:
         for k in LOSSES:
@@ -210,6 +246,7 @@ class Trainer:
             t["log_bytes"] = self.rec.log_bytes()
             t["skipped_bytes"] = (self.run / "skipped.jsonl").stat().st_size
         t["elapsed_s"] = time.perf_counter() - self.start
+        t["window"] = self._window_state()
         self.run.save_state(self.acc, t)
 
     def _summary(self) -> dict:
@@ -235,3 +272,5 @@ class Trainer:
             self.rec.close()
         if getattr(self, "skiplog", None) is not None:
             self.skiplog.close()
+        if getattr(self, "lock", None) is not None:
+            self.lock.release()

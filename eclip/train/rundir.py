@@ -12,9 +12,10 @@ import json
 import os
 import re
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
-from eclip.atomic import write_text
+from eclip.atomic import disk_full, write_text
 from eclip.config import TrainConfig
 from eclip.errors import EclipError
 
@@ -82,12 +83,24 @@ class RunDir:
             _discard(tmp)
             tmp.mkdir(parents=True)
         accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp))
-        accelerator.wait_for_everyone()
+        try:
+            accelerator.save_state(str(tmp))
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                write_text(tmp / TRAINER, json.dumps(trainer, indent=1))
+                for f in tmp.iterdir():
+                    _fsync(f)
+        except Exception as e:
+            full = disk_full(e, root)         # asked before the partial save is removed and frees its space
+            if accelerator.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+            if not full:
+                raise
+            previous = self.latest_state()
+            kept = f"the previous state ({previous[0].name}) is kept" if previous else "no earlier state was saved"
+            raise EclipError(f"{root}: no space left on device while saving the training state; {kept}. Free "
+                             f"some space, then continue with: eclip train --resume {self.path}") from None
         if accelerator.is_main_process:
-            write_text(tmp / TRAINER, json.dumps(trainer, indent=1))
-            for f in tmp.iterdir():
-                _fsync(f)
             _discard(final)
             os.replace(tmp, final)            # the commit point
             _fsync(root)
@@ -125,6 +138,38 @@ def _discard(path: Path) -> None:
     shutil.rmtree(trash)
 
 
+# Options that name files or folders: config.json keeps them absolute, so `--resume RUN` works from anywhere.
+PATH_OPTIONS = ("output", "dataset", "val_dataset", "data_root", "explanations", "model", "pretrained", "checkpoint")
+WEIGHTS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".npz")
+
+
+def absolute_path_option(key: str, value):
+    """`value` of option `key` with a file or folder made absolute; names (a benchmark, an architecture,
+    a pretrained tag, hf-hub:...) are kept as they are."""
+    if not isinstance(value, str) or not value:
+        return value
+    def absolute(path):
+        return os.path.abspath(os.path.expanduser(path))
+    if key in ("output", "data_root", "explanations", "checkpoint"):
+        return absolute(value)
+    if key in ("dataset", "val_dataset"):
+        return absolute(value) if Path(value).suffix.lower() in (".jsonl", ".csv") else value
+    if key == "model":
+        if value.startswith("local-dir:"):
+            return "local-dir:" + absolute(value[len("local-dir:"):])
+        if value.startswith("hf-hub:"):
+            return value
+        return absolute(value) if value.endswith(".json") or os.path.sep in value else value
+    if key == "pretrained":
+        looks_like_file = Path(value).suffix.lower() in WEIGHTS_SUFFIXES or os.path.sep in value
+        return absolute(value) if looks_like_file or os.path.isfile(value) else value
+    return value
+
+
+def with_absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    return replace(cfg, **{k: absolute_path_option(k, getattr(cfg, k)) for k in PATH_OPTIONS})
+
+
 def resume_config(run_dir, **given) -> TrainConfig:
     """The saved options of the run in `run_dir`, with the `given` (non-None) ones applied.
 
@@ -139,10 +184,13 @@ def resume_config(run_dir, **given) -> TrainConfig:
     except (ValueError, TypeError) as e:
         raise EclipError(f"{run.config}: unreadable run options ({e})")
     for key, value in given.items():
-        if value is None or key == "output" and Path(value) == Path(run_dir):
-            continue
         if key not in TrainConfig.__dataclass_fields__:
             raise TypeError(f"resume_config: unknown option {key}")
+        value = absolute_path_option(key, value)
+        saved_value = absolute_path_option(key, getattr(saved, key))   # runs saved before paths were absolute
+        if value is None or key == "output" and value == absolute_path_option(key, str(run_dir)) \
+                or key in PATH_OPTIONS and value == saved_value:
+            continue
         if value != getattr(saved, key):
             if key not in RESUMABLE:
                 flag = FLAG.get(key, "--" + key.replace("_", "-"))
@@ -150,4 +198,4 @@ def resume_config(run_dir, **given) -> TrainConfig:
                                  f"{getattr(saved, key)!r}); start a new run with --output to change it")
             setattr(saved, key, value)
     saved.output = str(run_dir)
-    return saved
+    return with_absolute_paths(saved)
