@@ -17,7 +17,7 @@ from pathlib import Path
 
 from eclip.checkpoint import sha256_file
 from eclip.data.dataset import ImageDataset, collate_images
-from eclip.embedstore import DTYPES, ERRORS, check_identity, finalize, finished_files, \
+from eclip.embedstore import COLUMNS, DTYPES, ERRORS, check_identity, finalize, finished_files, \
     leftover_temp_files, our_files, plan_shards, stored_identity, write_shard
 from eclip.errors import EclipError
 from eclip.lock import lock_folder
@@ -82,7 +82,7 @@ def text_inputs(arg) -> list[dict]:
         if not line.strip():
             continue
         if not jsonl:
-            items.append({"id": str(number), "text": line, "entities": "[]"})
+            items.append({"id": str(number), "text": line, "entities": "[]", "image": ""})
             continue
         try:
             d = json.loads(line)
@@ -93,21 +93,23 @@ def text_inputs(arg) -> list[dict]:
             raise EclipError(f"{path} line {number}: needs a \"text\" (or \"caption\") string")
         entities = d.get("entities") or []
         items.append({"id": str(d.get("id", number)), "text": text,
-                      "entities": json.dumps(entities, ensure_ascii=False)})
+                      "entities": json.dumps(entities, ensure_ascii=False), "image": ""})
     if not items:
         raise EclipError(f"--texts {arg}: no captions in this file")
     return items
 
 
 def dataset_inputs(dataset: str, data_root=None, split: str = "test") -> tuple[list[dict], list[dict]]:
-    """One image row and one text row per record, both with the record id (ground truth for evaluate)."""
+    """One image row per image file (in the order records first name it; id = its path, as with
+    --images) and one text row per record with the record id and its image's path (the ground
+    truth evaluate --embeddings rebuilds)."""
     from eclip.data.readers import read_dataset
     records = read_dataset(dataset, data_root, split)
     if not records:
         raise EclipError(f"--dataset {dataset}: no records in split {split}")
-    images = [{"id": r.id, "path": r.image} for r in records]
-    texts = [{"id": r.id, "text": r.caption, "entities": json.dumps(r.entities, ensure_ascii=False)}
-             for r in records]
+    images = [{"id": path, "path": path} for path in dict.fromkeys(r.image for r in records)]
+    texts = [{"id": r.id, "text": r.caption, "entities": json.dumps(r.entities, ensure_ascii=False),
+              "image": r.image} for r in records]
     return images, texts
 
 
@@ -122,7 +124,7 @@ def _image_fingerprint(item: dict) -> str:
 
 
 def _text_fingerprint(item: dict) -> str:
-    return f"{item['id']}\0{item['text']}\0{item['entities']}"
+    return f"{item['id']}\0{item['text']}\0{item['entities']}\0{item['image']}"
 
 
 # ---- the run ----------------------------------------------------------------------------
@@ -304,7 +306,7 @@ class _Run:
                 with torch.inference_mode(), autocast(device, self.precision):
                     v = self.model.encode_texts(tokens)
                 vectors.append(torch.nn.functional.normalize(v.float(), dim=-1).cpu())
-                rows += [{k: items[i][k] for k in ("id", "text", "entities")} for i in indices]
+                rows += [{k: items[i][k] for k in COLUMNS["texts"]} for i in indices]
                 advance(len(indices))
                 if last:
                     done += len(rows)

@@ -6,7 +6,7 @@ Layout of OUT_DIR (rows of a kind are the concatenation of its shards, in manife
     images-00000-r0.safetensors        "embeddings" [rows, dim], L2-normalised; header: signature, errors
     images-00000-r0.parquet            metadata part of that shard: id, path, sha256
     images.parquet                     all parts in row order: row, id, path, sha256
-    texts-00000-r0.safetensors / .parquet, texts.parquet   likewise: row, id, text, entities (JSON)
+    texts-00000-r0.safetensors / .parquet, texts.parquet   likewise: row, id, text, entities (JSON), image
     errors.jsonl                       images that could not be embedded: {"id", "image", "reason"}
 
 A shard covers a fixed range of the inputs (shard k = inputs [k*S, (k+1)*S)); bad images leave
@@ -32,7 +32,8 @@ VERSION = 1
 MANIFEST = "manifest.json"
 ERRORS = "errors.jsonl"
 KINDS = ("images", "texts")
-COLUMNS = {"images": ("id", "path", "sha256"), "texts": ("id", "text", "entities")}
+# texts.image: the path of the record's image (--dataset; empty for --texts): evaluate's ground truth
+COLUMNS = {"images": ("id", "path", "sha256"), "texts": ("id", "text", "entities", "image")}
 DTYPES = ("fp16", "fp32")
 # keys of EntityCLIP.identity() that decide whether two models make the same vectors
 IDENTITY_KEYS = ("model", "pretrained", "checkpoint_sha256", "preprocess")
@@ -392,9 +393,10 @@ def check_spec(store: EmbeddingStore, spec) -> None:
 def evaluate_embeddings(folder, recall_k=(1, 5, 10), chunk_size=None, dump_ranks=None, spec=None) -> dict:
     """`eclip evaluate --embeddings DIR`: retrieval metrics from a store written with --dataset.
 
-    Ground truth as eclip.evaluate builds it: a caption's positive is the image of the record
-    with the same id; image rows with identical bytes (sha256) are one gallery item. Records
-    whose image could not be embedded are left out (counted in n_skipped).
+    Ground truth as eclip.evaluate builds it: a caption's positive is its record's image (the
+    texts' "image" column; stores written before it existed match by record id); image rows with
+    identical bytes (sha256) are one gallery item. Records whose image could not be embedded are
+    left out (their unreadable files counted in n_skipped).
     """
     import json as _json
 
@@ -407,20 +409,22 @@ def evaluate_embeddings(folder, recall_k=(1, 5, 10), chunk_size=None, dump_ranks
     store.require("images")
     images, texts = store.table("images").to_pydict(), store.table("texts").to_pydict()
     image_vectors, text_vectors = store.vectors("images"), store.vectors("texts")
-    gallery_rows, by_digest, image_of_id = [], {}, {}
-    for row, (rid, digest) in enumerate(zip(images["id"], images["sha256"])):
+    by_path = "image" in texts and any(texts["image"])
+    image_key, text_key = ("path", "image") if by_path else ("id", "id")
+    gallery_rows, by_digest, gallery_of = [], {}, {}
+    for row, (key, digest) in enumerate(zip(images[image_key], images["sha256"])):
         if digest not in by_digest:
             by_digest[digest] = len(gallery_rows)
             gallery_rows.append(row)
-        image_of_id.setdefault(rid, by_digest[digest])
-    keep = [t for t, rid in enumerate(texts["id"]) if rid in image_of_id]
+        gallery_of.setdefault(key, by_digest[digest])
+    keep = [t for t, key in enumerate(texts[text_key]) if key in gallery_of]
     if not keep:
         raise EclipError(f"{store.path}: no caption shares a record id with an embedded image; "
                          f"evaluate needs a store written with `eclip embed --dataset`")
     types = [sorted({e.get("type") for e in _json.loads(texts["entities"][t] or "[]")
                      if isinstance(e, dict) and e.get("type")}) for t in keep]
     result = evaluate_features(torch.from_numpy(text_vectors[keep]), torch.from_numpy(image_vectors[gallery_rows]),
-                               [image_of_id[texts["id"][t]] for t in keep], recall_k=recall_k,
+                               [gallery_of[texts[text_key][t]] for t in keep], recall_k=recall_k,
                                chunk_size=chunk_size, dump_ranks=dump_ranks,
                                text_ids=[texts["id"][t] for t in keep],
                                image_ids=[images["path"][r] for r in gallery_rows], text_entity_types=types)

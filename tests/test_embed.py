@@ -97,16 +97,22 @@ def test_dataset_tables_rebuild_ground_truth(tmp_path, checkpoint, real_images):
     images = pq.read_table(out / "images.parquet")
     texts = pq.read_table(out / "texts.parquet")
     assert images.column_names == ["row", "id", "path", "sha256"]
-    assert texts.column_names == ["row", "id", "text", "entities"]
-    assert images.column("id").to_pylist() == ["r1", "r2", "r3"]
+    assert texts.column_names == ["row", "id", "text", "entities", "image"]
+    # each image file once (its id is its path, as with --images); each record's caption names its image
+    astronaut, rocket = str(real_images["astronaut"]), str(real_images["rocket"])
+    assert images.column("path").to_pylist() == images.column("id").to_pylist() == [astronaut, rocket]
+    assert texts.column("id").to_pylist() == ["r1", "r2", "r3"]
+    assert texts.column("image").to_pylist() == [astronaut, rocket, astronaut]
     digest = hashlib.sha256(real_images["astronaut"].read_bytes()).hexdigest()
-    assert images.column("sha256").to_pylist()[0] == images.column("sha256").to_pylist()[2] == digest
+    assert images.column("sha256").to_pylist()[0] == digest
     assert json.loads(texts.column("entities")[0].as_py()) == [{"text": "Eileen Collins", "type": "PERSON"}]
     assert json.loads((out / "manifest.json").read_text())["source"]["dataset"] == str(data)
 
     from eclip.embedstore import evaluate_embeddings
     report = evaluate_embeddings(out, recall_k=(1,))
-    assert report["n_images"] == 2 and report["n_texts"] == 3   # identical files are one gallery item
+    assert report["n_images"] == 2 and report["n_texts"] == 3
+    found = json.loads(run("match", "--gallery", out, "an astronaut", "--json").stdout)["results"][0]["matches"]
+    assert sorted(m["path"] for m in found) == sorted([astronaut, rocket])     # no file twice
 
 
 def write_bad_and_odd_images(folder, real_images):
