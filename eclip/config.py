@@ -17,6 +17,7 @@ class ModelSpec:
     checkpoint: Optional[str] = None   # eclip .safetensors checkpoint (overrides the two above)
     device: Optional[str] = None
     precision: str = "fp32"
+    seed: Optional[int] = None         # random weights (no pretrained weights): the seed drawing them (None: 0)
 
 
 @dataclass
@@ -113,4 +114,4 @@ class TrainConfig:
 
     def model_spec(self) -> ModelSpec:
         return ModelSpec(model=self.model, pretrained=self.pretrained, checkpoint=self.checkpoint,
-                         device=self.device, precision=self.precision)
+                         device=self.device, precision=self.precision, seed=self.seed)

@@ -246,7 +246,7 @@ def _recorded_spec(spec) -> dict:
     for key in ("checkpoint", "pretrained", "model"):
         if d.get(key) and os.path.exists(str(d[key])):
             d[key] = os.path.abspath(str(d[key]))
-    return {k: d.get(k) for k in ("model", "pretrained", "checkpoint")}
+    return {k: d.get(k) for k in ("model", "pretrained", "checkpoint", "seed")}
 
 
 class _Run:

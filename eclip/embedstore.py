@@ -36,7 +36,7 @@ KINDS = ("images", "texts")
 COLUMNS = {"images": ("id", "path", "sha256"), "texts": ("id", "text", "entities", "image")}
 DTYPES = ("fp16", "fp32")
 # keys of EntityCLIP.identity() that decide whether two models make the same vectors
-IDENTITY_KEYS = ("model", "pretrained", "checkpoint_sha256", "preprocess")
+IDENTITY_KEYS = ("model", "pretrained", "checkpoint_sha256", "seed", "preprocess")
 
 
 # ---- model identity ---------------------------------------------------------------------
@@ -67,7 +67,8 @@ def _comparable_pair(a: dict, b: dict) -> tuple[dict, dict]:
 def describe_identity(identity: dict) -> str:
     if identity.get("checkpoint_sha256"):
         return f"checkpoint sha256 {identity['checkpoint_sha256'][:12]}"
-    return f"model {identity.get('model')} with pretrained {identity.get('pretrained')}"
+    seed = f" (random weights, seed {identity['seed']})" if identity.get("seed") is not None else ""
+    return f"model {identity.get('model')} with pretrained {identity.get('pretrained')}{seed}"
 
 
 def check_identity(stored: dict, current: dict, where) -> None:
@@ -384,7 +385,7 @@ def check_spec(store: EmbeddingStore, spec) -> None:
         from eclip.model.factory import model_source
         given = model_source(spec)
         mine, theirs = _comparable_pair(given, store.identity)
-        same = all(mine[k] == theirs[k] for k in ("model", "pretrained", "checkpoint_sha256"))
+        same = all(mine[k] == theirs[k] for k in ("model", "pretrained", "checkpoint_sha256", "seed"))
     if not same:
         raise EclipError(f"{store.path}: embeddings were made with {describe_identity(store.identity)}, not with "
                          f"the {describe_identity(given)} given here; use the same model options, or embed again")

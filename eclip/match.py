@@ -281,7 +281,7 @@ def gallery_spec(store, spec):
     if not (recorded.get("model") or recorded.get("checkpoint")):
         raise EclipError(f"{store.path}: its manifest names no model; pass --model/--pretrained or --checkpoint")
     return replace(spec, model=recorded.get("model"), pretrained=recorded.get("pretrained"),
-                   checkpoint=recorded.get("checkpoint"))
+                   checkpoint=recorded.get("checkpoint"), seed=store.identity.get("seed"))
 
 
 def match_gallery(matcher: Matcher, store, queries: list[str], top_k: int = 5, method: str = "auto") -> dict:

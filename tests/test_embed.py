@@ -302,3 +302,37 @@ def test_stored_embeddings_evaluate_like_the_model_itself(tmp_path, checkpoint, 
     assert cli["text_to_image"] == pytest.approx(direct["text_to_image"])
     result = run("evaluate", "--embeddings", out, "--model", "ViT-B-32", "--pretrained", "none", code=2)
     assert "embeddings were made with" in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_random_weights_are_seeded_so_a_resumed_embed_uses_one_model(tmp_path, tiny_config_path, real_images):
+    """`--pretrained none`: a killed and re-run embed, and match / evaluate against its vectors, use the
+    same random model (the seed is part of the identity); another seed is another model and is refused."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("a", "b"):   # the same photograph twice, in two shards
+        (photos / f"{name}.jpg").write_bytes(real_images["astronaut"].read_bytes())
+    out = tmp_path / "out"
+    args = ["embed", "--model", tiny_config_path, "--pretrained", "none", "--images", photos, "--output", out,
+            "--shard-size", "1", "--workers", "0", "--dtype", "fp32"]
+    run(*args)
+    for path in [out / "manifest.json", *out.glob("images-00001-r0.*")]:
+        path.unlink()                            # as if killed before the second shard
+    torch.rand(1000)                             # this process's random stream has moved on
+    run(*args)
+    store = open_store(out)
+    a, b = store.vectors("images")
+    assert float(a @ b) == pytest.approx(1.0, abs=1e-5)
+    assert store.identity["seed"] == 0
+
+    model = ["--model", tiny_config_path, "--pretrained", "none"]
+    run("match", "--gallery", out, "an astronaut", *model)
+    refused = run("match", "--gallery", out, "an astronaut", *model, "--seed", "1", code=2)
+    assert "embeddings were made with" in refused.stderr and "seed" in refused.stderr
+    refused = run("embed", *args[1:], "--seed", "1", code=2)
+    assert "seed" in refused.stderr and refused.stderr.count("\n") == 1
+    from eclip.config import ModelSpec
+    from eclip.embedstore import check_spec
+    from eclip.errors import EclipError
+    check_spec(store, ModelSpec(model=str(tiny_config_path), pretrained="none"))   # evaluate --embeddings
+    with pytest.raises(EclipError, match="seed"):
+        check_spec(store, ModelSpec(model=str(tiny_config_path), pretrained="none", seed=3))

@@ -74,3 +74,23 @@ def test_bad_model_options_are_one_line_errors(model, pretrained, match, monkeyp
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(EclipError, match=match):
         load_model(model=model, pretrained=pretrained, device="cpu")
+
+
+def test_random_weights_come_from_the_seed(tiny_config_path):
+    """--pretrained none: the same seed gives the same model whatever the caller's random state, and
+    the seed is part of the identity (stores of vectors compare it)."""
+    a = load_model(model=str(tiny_config_path), pretrained="none", device="cpu")
+    torch.rand(100)
+    b = load_model(model=str(tiny_config_path), pretrained="none", device="cpu")
+    c = load_model(model=str(tiny_config_path), pretrained="none", device="cpu", seed=1)
+    assert _same_weights(a.clip, b.clip) and not _same_weights(a.clip, c.clip)
+    assert a.identity()["seed"] == 0 and c.identity()["seed"] == 1
+    state = torch.random.get_rng_state()
+    load_model(model=str(tiny_config_path), pretrained="none", device="cpu")
+    assert torch.equal(torch.random.get_rng_state(), state)          # the caller's stream is left alone
+
+
+def test_pretrained_weights_carry_no_seed(tiny_model, tiny_config_path, tmp_path):
+    weights = tmp_path / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in tiny_model.clip.state_dict().items()}, str(weights))
+    assert load_model(model=str(tiny_config_path), pretrained=str(weights), device="cpu").identity()["seed"] is None

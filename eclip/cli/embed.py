@@ -10,7 +10,7 @@ from typing_extensions import Annotated
 
 from eclip.cli import app
 from eclip.cli.options import (Checkpoint, DataRoot, Dataset, Device, Model, Precision, PrecisionOpt,
-                               Pretrained, Split, model_spec, user_errors)
+                               Pretrained, Seed, Split, model_spec, user_errors)
 
 
 class Dtype(str, Enum):
@@ -58,13 +58,14 @@ def embed(
     checkpoint: Checkpoint = None,
     device: Device = None,
     precision: PrecisionOpt = Precision.fp32,
+    seed: Seed = None,
     json_: Annotated[bool, typer.Option(
         "--json", help="Print the summary as one JSON object on stdout (instead of one line on stderr).")] = False,
 ):
     with user_errors():
         from eclip.console import note, print_json
         from eclip.embed import embed as run
-        summary = run(model_spec(model, pretrained, checkpoint, device, precision), output, images=images,
+        summary = run(model_spec(model, pretrained, checkpoint, device, precision, seed), output, images=images,
                       texts=texts, dataset=dataset, data_root=data_root, split=split, dtype=dtype.value,
                       shard_size=shard_size, batch_size=batch_size, workers=workers, overwrite=overwrite)
         if summary["rank"] != 0:

@@ -9,7 +9,7 @@ from typing_extensions import Annotated
 
 from eclip.cli import app
 from eclip.cli.options import (DATA_PANEL, Checkpoint, DataRoot, Dataset, Device, Json, Model, Precision, PrecisionOpt,
-                               Pretrained, Split, model_spec, user_errors)
+                               Pretrained, Seed, Split, model_spec, user_errors)
 from eclip.errors import EclipError
 
 OUTPUT_PANEL = "Output"
@@ -28,6 +28,7 @@ def evaluate(
     checkpoint: Checkpoint = None,
     device: Device = None,
     precision: PrecisionOpt = Precision.fp32,
+    seed: Seed = None,
     embeddings: Annotated[Optional[Path], typer.Option(
         "--embeddings", metavar="DIR", rich_help_panel=DATA_PANEL, show_default=False,
         help="Evaluate the embeddings `eclip embed` stored in DIR instead of computing them "
@@ -49,7 +50,7 @@ def evaluate(
 
         from eclip.evaluate import parse_recall_k
         ks = parse_recall_k(recall_k)
-        spec = model_spec(model, pretrained, checkpoint, device, precision)
+        spec = model_spec(model, pretrained, checkpoint, device, precision, seed)
         if embeddings is not None:   # model options, if given, must name the model the store was made with
             result = _from_embeddings(embeddings, ks, dump_ranks, spec)
         else:

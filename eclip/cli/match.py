@@ -10,7 +10,7 @@ import typer
 from typing_extensions import Annotated
 
 from eclip.cli import app
-from eclip.cli.options import (Checkpoint, Device, Json, Model, Precision, PrecisionOpt, Pretrained, model_spec,
+from eclip.cli.options import (Checkpoint, Device, Json, Model, Precision, PrecisionOpt, Pretrained, Seed, model_spec,
                                user_errors)
 
 
@@ -66,11 +66,12 @@ def match(
     checkpoint: Checkpoint = None,
     device: Device = None,
     precision: PrecisionOpt = Precision.fp32,
+    seed: Seed = None,
 ):
     args = list(args or [])
     with user_errors():
         from eclip.errors import EclipError
-        spec = model_spec(model, pretrained, checkpoint, device, precision)
+        spec = model_spec(model, pretrained, checkpoint, device, precision, seed)
         if args == ["-"]:
             if image or gallery:
                 raise EclipError("match -: reads images and captions from stdin; drop --image / --gallery")

@@ -41,6 +41,9 @@ Device = Annotated[Optional[str], typer.Option(
     help="cpu, cuda, cuda:1, mps ... Default: cuda when available, else cpu.")]
 PrecisionOpt = Annotated[Precision, typer.Option(
     "--precision", rich_help_panel=MODEL_PANEL, help="Compute precision.")]
+Seed = Annotated[Optional[int], typer.Option(
+    "--seed", rich_help_panel=MODEL_PANEL, show_default=False,
+    help="Seed of random weights (--pretrained none); the same seed gives the same model. Default: 0.")]
 
 Dataset = Annotated[Optional[str], typer.Option(
     "--dataset", rich_help_panel=DATA_PANEL, show_default=False,
@@ -58,11 +61,11 @@ Explanations = Annotated[Optional[Path], typer.Option(
 Json = Annotated[bool, typer.Option("--json", help="Print the result as one JSON object on stdout.")]
 
 
-def model_spec(model, pretrained, checkpoint, device, precision):
+def model_spec(model, pretrained, checkpoint, device, precision, seed=None):
     """Bundle the model options for the library (cheap: no torch import)."""
     from eclip.config import ModelSpec
     return ModelSpec(model=model, pretrained=pretrained, checkpoint=str(checkpoint) if checkpoint else None,
-                     device=device, precision=getattr(precision, "value", precision))
+                     device=device, precision=getattr(precision, "value", precision), seed=seed)
 
 
 @contextlib.contextmanager

@@ -149,10 +149,10 @@ def resolve_pretrained(name: str, pretrained: str | None) -> tuple[str | None, d
 
 
 def load_model(spec: ModelSpec | None = None, *, model=None, pretrained=None, checkpoint=None, device=None,
-               precision="fp32", experts: ExpertConfig | None = None, loss: LossConfig | None = None):
+               precision="fp32", seed=None, experts: ExpertConfig | None = None, loss: LossConfig | None = None):
     """Build an EntityCLIP from model options (see README, "Python API")."""
     spec = spec or ModelSpec(model=model, pretrained=pretrained, checkpoint=checkpoint, device=device,
-                             precision=precision)
+                             precision=precision, seed=seed)
     device = resolve_device(spec.device)
     if spec.checkpoint:
         from eclip.checkpoint import load_checkpoint
@@ -163,10 +163,34 @@ def load_model(spec: ModelSpec | None = None, *, model=None, pretrained=None, ch
         weights = DEFAULT_PRETRAINED
     name, clip_cfg, tokenizer = resolve_architecture(arch)
     file_or_tag, tag_cfg = resolve_pretrained(name, weights)
-    m = build(name, clip_cfg, tokenizer, experts or ExpertConfig(), loss or LossConfig(),
-              pretrained=file_or_tag, tag_cfg=tag_cfg, device=device)
-    m.source = model_source(spec)
+    source = model_source(spec)
+    seed = source["seed"] if source["seed"] is not None else spec.seed
+    with seeded(seed):   # random weights are drawn from the seed: the same options give the same model
+        m = build(name, clip_cfg, tokenizer, experts or ExpertConfig(), loss or LossConfig(),
+                  pretrained=file_or_tag, tag_cfg=tag_cfg, device=device)
+    m.source = source
     return _cast(m, spec.precision)
+
+
+def random_weights(spec: ModelSpec) -> bool:
+    """No weights anywhere: an architecture name or config file with --pretrained none (or none given).
+    hf-hub: and local-dir: models bring their own weights."""
+    if spec.checkpoint or spec.model is None or spec.model.startswith(("hf-hub:", "local-dir:")):
+        return False
+    return spec.pretrained is None or str(spec.pretrained).lower() == "none"
+
+
+@contextlib.contextmanager
+def seeded(seed: int | None):
+    """Draw from torch's CPU generator seeded with `seed` (open_clip initialises on the CPU), then give
+    the caller's random stream back untouched. None: nothing changes."""
+    if seed is None:
+        yield
+        return
+    import torch
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 def model_source(spec: ModelSpec) -> dict:
@@ -185,7 +209,10 @@ def model_source(spec: ModelSpec) -> dict:
         model_sha256 = hashlib.sha256(Path(arch).read_bytes()).hexdigest()
     if weights and os.path.isfile(str(weights)):
         weights = os.path.realpath(str(weights))
-    return {"model": model, "model_sha256": model_sha256, "pretrained": weights, "checkpoint_sha256": None}
+    # random weights are the seed's: another seed, another model (identity() keeps it, so stores compare it)
+    seed = (spec.seed if spec.seed is not None else 0) if random_weights(spec) else None
+    return {"model": model, "model_sha256": model_sha256, "pretrained": weights, "checkpoint_sha256": None,
+            "seed": seed}
 
 
 def build(name, clip_cfg, tokenizer_name, experts, loss, pretrained=None, tag_cfg=None, device="cpu",
