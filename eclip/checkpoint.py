@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 from eclip import __version__
@@ -74,6 +75,6 @@ def load_checkpoint(path, device: str = "cpu"):
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise EclipError(f"{path}: weights do not fit the model its header describes ({first})")
     # the sha256 is computed by identity() when first asked: plain matching never needs it
-    model.source = {"model": config.clip_name, "pretrained": None, "checkpoint": str(path),
+    model.source = {"model": config.clip_name, "pretrained": None, "checkpoint": os.path.abspath(str(path)),
                     "checkpoint_sha256": None}
     return model.to(device)

@@ -152,7 +152,9 @@ def embed(spec, output, *, images=None, texts=None, dataset=None, data_root=None
 
     if dataset:
         image_items, text_items = dataset_inputs(dataset, data_root, split)
-        source = {"dataset": str(dataset), "split": split, "data_root": str(data_root) if data_root else None}
+        from eclip.data.readers import dataset_label
+        name, named_split = dataset_label(dataset, split)
+        source = {"dataset": name, "split": named_split, "data_root": str(data_root) if data_root else None}
     else:
         image_items = image_inputs(str(images)) if images else []
         text_items = text_inputs(texts) if texts else []

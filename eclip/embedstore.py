@@ -430,7 +430,8 @@ def evaluate_embeddings(folder, recall_k=(1, 5, 10), chunk_size=None, dump_ranks
                                text_ids=[texts["id"][t] for t in keep],
                                image_ids=[images["path"][r] for r in gallery_rows], text_entity_types=types)
     source = store.manifest.get("source") or {}
-    result.update(model=store.identity.get("model"), checkpoint_sha256=store.identity.get("checkpoint_sha256"),
+    result.update(model=store.identity.get("model"), checkpoint=store.identity.get("checkpoint"),
+                  checkpoint_sha256=store.identity.get("checkpoint_sha256"),
                   n_skipped=(store.manifest["images"] or {}).get("errors", 0), dataset=source.get("dataset"), split=source.get("split"),
                   embeddings=str(store.path))
     return result

@@ -135,9 +135,12 @@ def evaluate(spec=None, dataset: str | None = None, data_root=None, split: str =
                                chunk_size=chunk_size, dump_ranks=dump_ranks,
                                text_ids=[r.id for r in kept_records], image_ids=paths,
                                text_entity_types=[_entity_types(r) for r in kept_records])
+    from eclip.data.readers import dataset_label
     identity = model.identity() if hasattr(model, "identity") else {}
-    result.update(model=identity.get("model"), checkpoint_sha256=identity.get("checkpoint_sha256"),
-                  n_skipped=len(gallery.skipped), dataset=str(dataset) if dataset else None, split=split)
+    name, named_split = dataset_label(dataset, split)
+    result.update(model=identity.get("model"), checkpoint=identity.get("checkpoint"),
+                  checkpoint_sha256=identity.get("checkpoint_sha256"), n_skipped=len(gallery.skipped),
+                  dataset=name, split=named_split)
     return result
 
 
@@ -288,7 +291,7 @@ def report_table(result: dict):
     """A rich Table of the report (what `eclip evaluate` prints without --json)."""
     from rich.table import Table
     ks = [k for k in result["text_to_image"] if k.startswith("R@")]
-    title = (f"{result.get('model') or 'model'} on {result.get('dataset') or 'data'}"
+    title = (f"{result.get('checkpoint') or result.get('model') or 'model'} on {result.get('dataset') or 'data'}"
              f"{' / ' + result['split'] if result.get('split') else ''}: "
              f"{result['n_texts']} captions, {result['n_images']} images")
     table = Table(title=title, caption=f"rsum {result['rsum']:.2f}"

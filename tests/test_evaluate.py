@@ -149,3 +149,27 @@ def test_report_from_features_breaks_recall_down_by_entity_type(tmp_path):
 def test_no_entity_types_no_breakdown():
     report = evaluate_features(torch.eye(2), torch.eye(2), [0, 1])
     assert "by_entity_type" not in report and report["rsum"] == 600.0
+
+
+def test_report_names_what_was_evaluated_from_any_folder(dataset, checkpoint, monkeypatch):
+    """A table file has no split, relative paths are reported absolute, and a checkpoint is named
+    by its path (in the JSON and the table title), not by a generated architecture name."""
+    monkeypatch.chdir(dataset.parent)
+    ckpt = checkpoint[0]
+    r = runner().invoke(app, ["evaluate", "--dataset", dataset.name, "--checkpoint", str(ckpt), "--json"])
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    assert report["split"] is None and report["dataset"] == str(dataset)
+    assert report["checkpoint"] == str(ckpt) and report["checkpoint_sha256"]
+    table = runner().invoke(app, ["evaluate", "--dataset", dataset.name, "--checkpoint", str(ckpt)])
+    title = table.stdout.splitlines()[0]
+    assert str(ckpt) in title and "/ test" not in title and "eclip-" not in title, table.stdout
+
+
+def test_report_gives_a_model_config_file_as_an_absolute_path(dataset, tiny_config_path, monkeypatch):
+    monkeypatch.chdir(tiny_config_path.parent)
+    r = runner().invoke(app, ["evaluate", "--dataset", str(dataset), "--model", tiny_config_path.name,
+                              "--pretrained", "none", "--json"])
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    assert report["model"] == str(tiny_config_path) and report["checkpoint"] is None

@@ -52,6 +52,14 @@ def read_dataset(dataset: str, data_root: Optional[Path] = None, split: str = "t
     return records
 
 
+def dataset_label(dataset, split: Optional[str]) -> tuple[Optional[str], Optional[str]]:
+    """(dataset, split) as reports and manifests name them: a benchmark by its name and split, a
+    .jsonl / .csv file by its absolute path and no split (one file is one set of pairs)."""
+    if dataset is None or str(dataset).lower() in BENCHMARKS:
+        return dataset, split
+    return os.path.abspath(str(dataset)), None
+
+
 # --- the three benchmarks ----------------------------------------------------------------
 
 def read_n24news(root, split: str = "train") -> list[Record]:
