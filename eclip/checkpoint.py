@@ -57,17 +57,25 @@ def load_checkpoint(path, device: str = "cpu"):
     """Rebuild the model from the header alone and load the weights (strict)."""
     from safetensors.torch import load_model
 
-    from eclip.config import EntityCLIPConfig
+    from eclip.config import EntityCLIPConfig, config_problem
     from eclip.model.factory import build, register_config
     meta = read_header(path)
     try:
-        config = EntityCLIPConfig.from_dict(json.loads(meta["config"]))
-    except (ValueError, TypeError, KeyError) as e:
-        raise EclipError(f"{path}: eclip header has an unreadable config ({e})")
+        raw = json.loads(meta["config"])
+    except ValueError as e:
+        raise EclipError(f"{path}: the eclip header's config is not valid JSON ({e})") from None
+    problem = config_problem(raw)
+    if problem:
+        raise EclipError(f"{path}: eclip header field {problem}")
+    config = EntityCLIPConfig.from_dict(raw)
     name = register_config(config.clip_config)   # the header alone rebuilds it: no hub, no folder
     tokenizer = config.tokenizer if config.tokenizer.startswith(("hf-hub:", "local-dir:")) else name
-    model = build(name, config.clip_config, tokenizer, config.experts, config.loss, device="cpu",
-                  preprocess_cfg=config.preprocess)
+    try:
+        model = build(name, config.clip_config, tokenizer, config.experts, config.loss, device="cpu",
+                      preprocess_cfg=config.preprocess)
+    except Exception as e:   # types were plausible, but open_clip cannot build what the header describes
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise EclipError(f"{path}: the eclip header's config does not build a model ({first})") from None
     model.config = config
     try:
         load_model(model, str(path), strict=True)

@@ -2,6 +2,7 @@
 so a checkpoint alone rebuilds its model. No torch import here."""
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
@@ -58,6 +59,82 @@ class EntityCLIPConfig:
         d["experts"] = ExpertConfig(**d.get("experts", {}))
         d["loss"] = LossConfig(**d.get("loss", {}))
         return cls(**d)
+
+
+def config_problem(d) -> Optional[str]:
+    """The first field of an EntityCLIPConfig dict (a checkpoint header's `config`) whose type or
+    value cannot be right, as "config.FIELD: what is wrong"; None when every field is plausible."""
+    def is_int(v, low=0):
+        return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+    def is_number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    def numbers(v, lengths):
+        return isinstance(v, list) and len(v) in lengths and all(is_number(x) for x in v)
+
+    if not isinstance(d, dict):
+        return f"config: expected a JSON object, got {type(d).__name__}"
+    known = EntityCLIPConfig.__dataclass_fields__
+    for key in d:
+        if key not in known:
+            return f"config.{key}: unknown field"
+    for key in ("clip_name", "clip_config", "preprocess", "tokenizer"):
+        if key not in d:
+            return f"config.{key}: missing"
+    checks = [
+        ("clip_name", isinstance(d["clip_name"], str), "a string"),
+        ("tokenizer", isinstance(d["tokenizer"], str) and bool(d["tokenizer"]), "a tokenizer name (a string)"),
+        ("context_length", is_int(d.get("context_length", 77), 1), "a positive integer"),
+        ("clip_config", isinstance(d["clip_config"], dict), "an open_clip model config (a JSON object)"),
+        ("preprocess", isinstance(d["preprocess"], dict), "an object (size, mean, std, ...)"),
+        ("experts", isinstance(d.get("experts", {}), dict), "an object (n_vision, n_text, ...)"),
+        ("loss", isinstance(d.get("loss", {}), dict), "an object (eta, lam)"),
+    ]
+    clip, pre = d["clip_config"], d["preprocess"]
+    if isinstance(clip, dict):
+        checks += [("clip_config.embed_dim", is_int(clip.get("embed_dim"), 1), "a positive integer"),
+                   ("clip_config.vision_cfg", isinstance(clip.get("vision_cfg"), dict), "a JSON object"),
+                   ("clip_config.text_cfg", isinstance(clip.get("text_cfg"), dict), "a JSON object")]
+    if isinstance(pre, dict):
+        size = pre.get("size", 224)
+        checks += [("preprocess.size", is_int(size, 1) or isinstance(size, list) and len(size) == 2
+                    and all(is_int(x, 1) for x in size), "a positive integer or [height, width]"),
+                   ("preprocess.mean", numbers(pre.get("mean", [0, 0, 0]), (1, 3)), "a list of 3 numbers"),
+                   ("preprocess.std", numbers(pre.get("std", [1, 1, 1]), (1, 3)), "a list of 3 numbers"),
+                   ("preprocess.interpolation", isinstance(pre.get("interpolation", ""), str), "a string"),
+                   ("preprocess.resize_mode", isinstance(pre.get("resize_mode", ""), str), "a string")]
+    for group, cls, fields in (("experts", ExpertConfig, {"n_vision": 0, "n_text": 0, "n_shared": 0, "heads": 1}),
+                               ("loss", LossConfig, {})):
+        values = d.get(group, {})
+        if not isinstance(values, dict):
+            continue
+        for key, value in values.items():
+            if key not in cls.__dataclass_fields__:
+                checks.append((f"{group}.{key}", False, "a known field"))
+            elif key in fields:
+                checks.append((f"{group}.{key}", is_int(value, fields[key]), f"an integer of at least {fields[key]}"))
+            elif key == "enabled":
+                checks.append((f"{group}.{key}", isinstance(value, bool), "true or false"))
+            else:
+                checks.append((f"{group}.{key}", is_number(value) and value >= 0, "a number of at least 0"))
+    for field_name, ok, expected in checks:
+        if not ok:
+            value = _field(d, field_name)
+            shown = json.dumps(value)[:40] if value is not _MISSING else "missing"
+            return f"config.{field_name}: expected {expected}, got {shown}"
+    return None
+
+
+_MISSING = object()
+
+
+def _field(d: dict, dotted: str):
+    for part in dotted.split("."):
+        if not isinstance(d, dict) or part not in d:
+            return _MISSING
+        d = d[part]
+    return d
 
 
 @dataclass

@@ -62,3 +62,33 @@ def test_weights_that_do_not_fit_the_header_are_rejected(tiny_model, tmp_path):
     save_file(state, str(path), metadata=meta)
     with pytest.raises(EclipError, match="do not fit"):
         load_checkpoint(path)
+
+
+def rewrite_header(model, path, change):
+    config = model.config.to_dict()
+    change(config)
+    meta = {"format": "eclip", "eclip_version": "0", "config": json.dumps(config)}
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path), metadata=meta)
+    return path
+
+
+@pytest.mark.parametrize("field, change", [
+    ("tokenizer", lambda c: c.update(tokenizer=5)),
+    ("preprocess.size", lambda c: c["preprocess"].update(size="big")),
+    ("preprocess.mean", lambda c: c["preprocess"].update(mean="red")),
+    ("clip_config", lambda c: c.update(clip_config="ViT-B-32")),
+    ("clip_config.embed_dim", lambda c: c["clip_config"].pop("embed_dim")),
+    ("clip_config.vision_cfg", lambda c: c["clip_config"].update(vision_cfg=[1, 2])),
+    ("context_length", lambda c: c.update(context_length="77")),
+    ("experts.n_vision", lambda c: c["experts"].update(n_vision="two")),
+    ("loss.eta", lambda c: c["loss"].update(eta=None)),
+    ("experts", lambda c: c.update(experts=3)),
+    ("bogus", lambda c: c.update(bogus=1)),
+])
+def test_header_config_of_the_wrong_type_names_file_and_field(tiny_model, tmp_path, field, change):
+    path = rewrite_header(tiny_model, tmp_path / "odd.safetensors", change)
+    with pytest.raises(EclipError) as e:
+        load_checkpoint(path)
+    msg = str(e.value)
+    assert e.value.exit_code == 2 and "\n" not in msg and len(msg) < 300, msg
+    assert msg.startswith(f"{path}: ") and f"config.{field}" in msg, msg

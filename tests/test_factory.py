@@ -94,3 +94,100 @@ def test_pretrained_weights_carry_no_seed(tiny_model, tiny_config_path, tmp_path
     weights = tmp_path / "tiny.safetensors"
     save_file({k: v.contiguous() for k, v in tiny_model.clip.state_dict().items()}, str(weights))
     assert load_model(model=str(tiny_config_path), pretrained=str(weights), device="cpu").identity()["seed"] is None
+
+
+# --- --pretrained FILE that eclip cannot or will not load: one line naming the file --------
+
+def clip_state(model):
+    return {k: v.contiguous() for k, v in model.clip.state_dict().items()}
+
+
+def never_unpickle(monkeypatch):
+    def refuse(*a, **kw):
+        raise AssertionError("torch.load was called: eclip unpickled a file")
+    monkeypatch.setattr(torch, "load", refuse)
+    monkeypatch.setattr(torch.jit, "load", refuse)
+
+
+@pytest.mark.parametrize("name, zipped", [("w.pt", True), ("w.bin", False), ("w.pth", True), ("w.ckpt", True)])
+def test_pickle_weights_are_refused_with_how_to_convert(tiny_model, tiny_config_path, tmp_path, monkeypatch,
+                                                        name, zipped):
+    path = tmp_path / name
+    torch.save(clip_state(tiny_model), path, _use_new_zipfile_serialization=zipped)
+    never_unpickle(monkeypatch)
+    with pytest.raises(EclipError) as e:
+        load_model(model=str(tiny_config_path), pretrained=str(path), device="cpu")
+    msg = str(e.value)
+    assert "\n" not in msg and str(path) in msg and "pickle" in msg and "never" in msg
+    assert "safetensors" in msg and "python -c" in msg          # says how to convert
+
+
+def test_the_conversion_command_in_the_message_works(tiny_model, tiny_config_path, tmp_path):
+    import re
+    import subprocess
+    import sys
+    path = tmp_path / "w.pt"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in clip_state(tiny_model).items()}}, path)
+    with pytest.raises(EclipError) as e:
+        load_model(model=str(tiny_config_path), pretrained=str(path), device="cpu")
+    code = re.search(r'python -c "(.*?)"', str(e.value)).group(1)
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)
+    converted = load_model(model=str(tiny_config_path), pretrained=str(tmp_path / "w.safetensors"), device="cpu")
+    assert _same_weights(converted.clip, tiny_model.clip)
+
+
+def malformed_safetensors(tmp_path, kind, good: bytes):
+    import struct
+    if kind == "huge header length":
+        return struct.pack("<Q", 2 ** 63) + good[8:]
+    if kind == "bad offsets":
+        n = struct.unpack("<Q", good[:8])[0]
+        header = json.loads(good[8:8 + n])
+        first = next(k for k in header if k != "__metadata__")
+        header[first]["data_offsets"] = [0, 10 ** 12]
+        raw = json.dumps(header).encode()
+        return struct.pack("<Q", len(raw)) + raw + good[8 + n:]
+    return good[: len(good) // 2]   # truncated
+
+
+@pytest.mark.parametrize("kind", ["huge header length", "bad offsets", "truncated"])
+def test_malformed_safetensors_weights_are_one_line(tiny_model, tiny_config_path, tmp_path, kind):
+    good = tmp_path / "good.safetensors"
+    save_file(clip_state(tiny_model), str(good))
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(malformed_safetensors(tmp_path, kind, good.read_bytes()))
+    with pytest.raises(EclipError) as e:
+        load_model(model=str(tiny_config_path), pretrained=str(path), device="cpu")
+    msg = str(e.value)
+    assert e.value.exit_code == 2 and "\n" not in msg and str(path) in msg and len(msg) < 400
+
+
+def test_weights_of_another_architecture_name_the_file_the_model_and_the_misfit(tiny_model, tmp_path):
+    path = tmp_path / "tiny64.safetensors"
+    save_file(clip_state(tiny_model), str(path))
+    narrow = json.loads(json.dumps(TINY))
+    narrow["text_cfg"]["width"] = 32                  # open_clip: AssertionError "text pos_embed width changed!"
+    config = tmp_path / "narrow.json"
+    config.write_text(json.dumps(narrow))
+    with pytest.raises(EclipError) as e:
+        load_model(model=str(config), pretrained=str(path), device="cpu")
+    msg = str(e.value)
+    assert "\n" not in msg and str(path) in msg and str(config) in msg and "do not fit" in msg
+    assert "positional_embedding" in msg and "[77, 64]" in msg and "[77, 32]" in msg
+
+
+def test_numpy_weights_for_a_clip_model_are_one_line(tiny_config_path, tmp_path):
+    import numpy as np
+    path = tmp_path / "big_vision.npz"
+    np.savez(path, **{"params/img/embedding/kernel": np.zeros((16, 16, 3, 64), np.float32)})
+    with pytest.raises(EclipError) as e:               # open_clip: AttributeError
+        load_model(model=str(tiny_config_path), pretrained=str(path), device="cpu")
+    msg = str(e.value)
+    assert "\n" not in msg and str(path) in msg and "do not fit" in msg
+
+
+def test_a_file_that_is_no_weights_at_all(tiny_config_path, tmp_path):
+    path = tmp_path / "notes.safetensors"
+    path.write_text("just some text, long enough to have a header length")
+    with pytest.raises(EclipError, match="notes.safetensors"):
+        load_model(model=str(tiny_config_path), pretrained=str(path), device="cpu")

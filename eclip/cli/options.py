@@ -31,8 +31,8 @@ Model = Annotated[Optional[str], typer.Option(
          "Default: ViT-B-32 (with --pretrained openai) unless --checkpoint is given.")]
 Pretrained = Annotated[Optional[str], typer.Option(
     "--pretrained", rich_help_panel=MODEL_PANEL, show_default=False,
-    help="Pretrained tag (openai, laion2b_s34b_b79k, ...) or a local weights file (.safetensors/.bin/.pt); "
-         "'none' for random weights.")]
+    help="Pretrained tag (openai, laion2b_s34b_b79k, ...) or a local .safetensors weights file (pickled "
+         ".pt/.bin files are refused, with the command that converts them); 'none' for random weights.")]
 Checkpoint = Annotated[Optional[Path], typer.Option(
     "--checkpoint", rich_help_panel=MODEL_PANEL, show_default=False,
     help="An eclip .safetensors checkpoint; it alone rebuilds the model (overrides --model/--pretrained).")]

@@ -163,11 +163,18 @@ def load_model(spec: ModelSpec | None = None, *, model=None, pretrained=None, ch
         weights = DEFAULT_PRETRAINED
     name, clip_cfg, tokenizer = resolve_architecture(arch)
     file_or_tag, tag_cfg = resolve_pretrained(name, weights)
+    user_file = weights if weights and Path(str(weights)).is_file() else None
+    if user_file:
+        from eclip.model.weights import check_weights_file
+        check_weights_file(user_file)        # no pickle, no malformed file reaches open_clip
     source = model_source(spec)
     seed = source["seed"] if source["seed"] is not None else spec.seed
     with seeded(seed):   # random weights are drawn from the seed: the same options give the same model
         m = build(name, clip_cfg, tokenizer, experts or ExpertConfig(), loss or LossConfig(),
-                  pretrained=file_or_tag, tag_cfg=tag_cfg, device=device)
+                  pretrained=None if user_file else file_or_tag, tag_cfg=tag_cfg, device=device)
+    if user_file:
+        from eclip.model.weights import load_weights_file
+        load_weights_file(m.clip, user_file, arch)
     m.source = source
     return _cast(m, spec.precision)
 
@@ -234,7 +241,8 @@ def build(name, clip_cfg, tokenizer_name, experts, loss, pretrained=None, tag_cf
             clip = open_clip.create_model(name, pretrained=pretrained, device=device, force_quick_gelu=quick_gelu,
                                           force_preprocess_cfg=pp or None)
     except (RuntimeError, ValueError, KeyError, OSError) as e:
-        raise EclipError(f"could not build {name} with weights {pretrained}: {str(e).splitlines()[0]}")
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise EclipError(f"could not build {name} with weights {pretrained}: {first}") from None
     if quick_gelu:
         clip_cfg = {**clip_cfg, "quick_gelu": True}
     preprocess_dict = json.loads(json.dumps(dict(clip.visual.preprocess_cfg)))  # tuples -> lists, as in headers
