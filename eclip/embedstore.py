@@ -193,15 +193,19 @@ def stored_identity(folder: Path) -> dict | None:
     manifest = folder / MANIFEST
     if manifest.is_file():
         try:
-            return json.loads(manifest.read_text())["identity"]
+            identity = json.loads(manifest.read_text())["identity"]
+            if isinstance(identity, dict):
+                return identity
         except (ValueError, KeyError, TypeError):
             pass
     for kind in KINDS:
         for path in sorted(folder.glob(f"{kind}-*-r*.safetensors")):
             try:
-                return json.loads(read_shard_header(path)["identity"])
+                identity = json.loads(read_shard_header(path)["identity"])
             except (EclipError, KeyError, ValueError):
                 continue
+            if isinstance(identity, dict):
+                return identity
     return None
 
 
@@ -299,9 +303,12 @@ class EmbeddingStore:
         m = self.manifest
         if not isinstance(m, dict) or m.get("format") != FORMAT:
             raise EclipError(f"{manifest_path}: not an eclip embeddings manifest")
-        if m.get("version", 0) > VERSION:
+        problem = manifest_problem(m)
+        if problem:
+            raise EclipError(f"{manifest_path}: {problem}")
+        if m["version"] > VERSION:
             raise EclipError(f"{manifest_path}: written by a newer eclip (format version {m['version']})")
-        self.identity, self.dim, self.dtype = m["identity"], int(m["dim"]), m["dtype"]
+        self.identity, self.dim, self.dtype = m["identity"], m["dim"], m["dtype"]
         for kind in KINDS:
             for entry in (m.get(kind) or {}).get("shards", []):
                 for key in ("vectors", "meta"):
@@ -364,6 +371,58 @@ class EmbeddingStore:
         """Metadata of the given rows as dicts."""
         table = self.table(kind)
         return [{c: table.column(c)[int(i)].as_py() for c in table.column_names} for i in indices]
+
+
+def manifest_problem(m: dict) -> str | None:
+    """The first field of a manifest that is missing or of the wrong type, or a file it names
+    outside the folder (eclip writes bare file names), as "field 'X' ..."; None when all is well."""
+    def count(v):
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    def file_name(v):
+        return isinstance(v, str) and bool(v) and Path(v).name == v and v not in (".", "..")
+
+    checks = [("version", lambda v: count(v) and v >= 1, "a format version (a positive integer)"),
+              ("identity", lambda v: isinstance(v, dict), "the model identity (a JSON object)"),
+              ("dim", lambda v: count(v) and v >= 1, "a positive integer"),
+              ("dtype", lambda v: v in DTYPES, f"one of {', '.join(DTYPES)}")]
+    for key, ok, expected in checks:
+        if key not in m:
+            return f"field '{key}' is missing"
+        if not ok(m[key]):
+            return f"field '{key}' must be {expected} (got {json.dumps(m[key])[:40]})"
+    for key in ("model_spec", "source"):
+        if m.get(key) is not None and not isinstance(m[key], dict):
+            return f"field '{key}' must be a JSON object"
+    for kind in KINDS:
+        part = m.get(kind)
+        if part is None:
+            continue
+        if not isinstance(part, dict):
+            return f"field '{kind}' must be a JSON object or null (got {json.dumps(part)[:40]})"
+        fields = [(f"{kind}.count", part.get("count"), count, "a count (an integer of at least 0)"),
+                  (f"{kind}.table", part.get("table"), file_name, "a file name inside the embeddings folder"),
+                  (f"{kind}.shards", part.get("shards"), lambda v: isinstance(v, list), "a list")]
+        if "errors" in part:
+            fields.append((f"{kind}.errors", part["errors"], count, "a count (an integer of at least 0)"))
+        for i, entry in enumerate(part.get("shards") if isinstance(part.get("shards"), list) else []):
+            where = f"{kind}.shards.{i}"
+            if not isinstance(entry, dict):
+                fields.append((where, entry, lambda v: False, "a JSON object"))
+                continue
+            inside = "a file name inside the embeddings folder"
+            fields += [(f"{where}.vectors", entry.get("vectors"), file_name, inside),
+                       (f"{where}.meta", entry.get("meta"), file_name, inside),
+                       (f"{where}.rows", entry.get("rows"), count, "a count (an integer of at least 0)")]
+        for name, value, ok, expected in fields:
+            if value is None:
+                return f"field '{name}' is missing"
+            if not ok(value):
+                if "file name" in expected and isinstance(value, str):
+                    return f"field '{name}' names {value!r}, outside the embeddings folder (eclip writes bare " \
+                           f"file names there)"
+                return f"field '{name}' must be {expected} (got {json.dumps(value)[:40]})"
+    return None
 
 
 def open_store(path) -> EmbeddingStore:

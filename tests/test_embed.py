@@ -336,3 +336,60 @@ def test_random_weights_are_seeded_so_a_resumed_embed_uses_one_model(tmp_path, t
     check_spec(store, ModelSpec(model=str(tiny_config_path), pretrained="none"))   # evaluate --embeddings
     with pytest.raises(EclipError, match="seed"):
         check_spec(store, ModelSpec(model=str(tiny_config_path), pretrained="none", seed=3))
+
+
+@pytest.fixture(scope="module")
+def small_store(tmp_path_factory, checkpoint, photos):
+    out = tmp_path_factory.mktemp("store") / "out"
+    run("embed", "--checkpoint", checkpoint[0], "--images", photos, "--output", out, "--workers", "0")
+    return out
+
+
+def set_path(d, dotted, value):
+    *parents, last = dotted.split(".")
+    for part in parents:
+        d = d[int(part)] if isinstance(d, list) else d[part]
+    if value is KeyError:
+        del d[last]
+    else:
+        d[last] = value
+
+
+@pytest.mark.parametrize("field, value", [
+    ("dim", "abc"), ("dim", -3), ("identity", KeyError), ("identity", "model"), ("version", "x"),
+    ("dtype", "int8"), ("images", "all"), ("images.count", "4"), ("images.shards", {}),
+    ("images.shards.0.rows", None), ("images.shards.0.vectors", 7), ("images.table", KeyError),
+])
+def test_manifest_field_of_the_wrong_type_names_manifest_and_field(tmp_path, small_store, field, value):
+    import shutil
+    from eclip.errors import EclipError
+    folder = tmp_path / "copy"
+    shutil.copytree(small_store, folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    set_path(manifest, field, value)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(EclipError) as e:
+        open_store(folder)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"{folder / 'manifest.json'}: ") and f"'{field}'" in msg, msg
+    result = run("match", "--gallery", folder, "an astronaut", code=2)
+    assert result.stderr.count("\n") == 1 and "manifest.json" in result.stderr
+
+
+@pytest.mark.parametrize("name", ["../outside.safetensors", "/etc/passwd", "sub/../../outside.parquet"])
+def test_manifest_entry_outside_the_gallery_is_refused(tmp_path, small_store, name):
+    import shutil
+    from eclip.errors import EclipError
+    folder = tmp_path / "copy"
+    shutil.copytree(small_store, folder)
+    (tmp_path / "outside.safetensors").write_bytes((folder / "images-00000-r0.safetensors").read_bytes())
+    (tmp_path / "outside.parquet").write_bytes((folder / "images.parquet").read_bytes())
+    manifest = json.loads((folder / "manifest.json").read_text())
+    key = "table" if name.endswith(".parquet") else "shards"
+    if key == "table":
+        manifest["images"]["table"] = name
+    else:
+        manifest["images"]["shards"][0]["vectors"] = name
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(EclipError, match="outside the embeddings folder"):
+        open_store(folder)
