@@ -243,3 +243,25 @@ def test_gallery_made_with_a_relative_model_path_is_found_again(tmp_path, tiny_c
     refused = run("match", "--gallery", work / "g", "a cup of coffee", "--model", "other.json", "--pretrained",
                   "none", code=2)
     assert "embeddings were made with" in refused.stderr
+
+
+def test_stdin_line_that_is_not_utf8_gets_an_error_record_and_the_rest_are_answered(checkpoint, real_images):
+    """A real `eclip match -` under a UTF-8 locale: one line with a Latin-1 byte, one whose JSON holds
+    a lone surrogate escape (echoed back, it must not make the output invalid UTF-8)."""
+    import subprocess
+    import sys
+    path, _ = checkpoint
+    good = [json.dumps({"id": i, "image": str(real_images["rocket"]), "text": "a rocket"}).encode()
+            for i in range(20)]
+    good[4] = b'{"id": 4, "image": "' + str(real_images["rocket"]).encode() + b'", "text": "K\xf6ln"}'
+    good[9] = json.dumps({"id": "\ud800", "image": str(real_images["coffee"]), "text": "coffee"}).encode()
+    env = {**os.environ, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "ECLIP_QUIET": "1", "HF_HUB_OFFLINE": "1"}
+    env.pop("PYTHONIOENCODING", None)
+    done = subprocess.run([sys.executable, "-m", "eclip", "match", "--checkpoint", str(path), "-"],
+                          input=b"\n".join(good) + b"\n", capture_output=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr.decode(errors="replace")[-2000:]
+    out = [json.loads(line) for line in done.stdout.decode("utf-8").splitlines()]   # strict: valid UTF-8
+    assert len(out) == 20 and [o.get("line") for o in out if "error" in o] == [5]
+    assert "UTF-8" in out[4]["error"] and out[4]["line"] == 5
+    assert all("score" in o for k, o in enumerate(out) if k != 4)
+    assert out[9]["id"] == "\ud800" and out[9]["text"] == "coffee"
