@@ -190,7 +190,8 @@ def _prepare(image_stage, number: int, line: str) -> dict:
 
 
 def match_stream(matcher: Matcher, lines, emit, threshold: float | None = None) -> dict:
-    """Read JSON lines, call emit(record) once per non-blank line, in input order, as soon as it is done.
+    """Read JSON lines (str, or bytes decoded as UTF-8 line by line, so one bad line is one error
+    record), call emit(record) once per non-blank line, in input order, as soon as it is done.
 
     A reader thread parses lines, decodes, resizes and crops images ahead of the model
     (overlapping the forward pass; tensors are made on the main thread); lines already waiting are encoded as one batch, so a burst costs one
@@ -201,12 +202,21 @@ def match_stream(matcher: Matcher, lines, emit, threshold: float | None = None) 
     image_stage, tensor_stage = matcher.preprocess_stages()
 
     def reader():
+        number = 0
         try:
             for number, line in enumerate(lines, 1):
                 if isinstance(line, bytes):
-                    line = line.decode("utf-8", "replace")
+                    try:
+                        line = line.decode("utf-8")
+                    except UnicodeDecodeError as e:   # this line only: the next ones are answered
+                        pending.put({"line": number, "id": None, "error": f"line {number} is not UTF-8 text "
+                                     f"(byte 0x{line[e.start]:02x} at column {e.start + 1})"})
+                        continue
                 if line.strip():
                     pending.put(_prepare(image_stage, number, line))
+        except Exception as e:   # the input itself failed: say so on the next line instead of stopping silently
+            pending.put({"line": number + 1, "id": None, "error": f"reading the input failed "
+                         f"({type(e).__name__}: {str(e)[:160]})"})
         finally:
             pending.put(done)
 

@@ -126,11 +126,14 @@ def _stream(spec, threshold):
     matcher = Matcher.from_spec(spec)
 
     def emit(record):
-        sys.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")
+        try:
+            sys.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")
+        except UnicodeEncodeError:   # a lone surrogate (a "\\ud800" escape echoed back): ASCII escapes stay valid
+            sys.stdout.write(json.dumps(record) + "\n")
         sys.stdout.flush()
 
-    try:
-        counts = match_stream(matcher, sys.stdin, emit, threshold)
+    try:   # bytes: each line is decoded on its own, so a line that is not UTF-8 fails alone
+        counts = match_stream(matcher, getattr(sys.stdin, "buffer", sys.stdin), emit, threshold)
     except BrokenPipeError:   # the reader went away (`| head`): stop quietly, as shell tools do
         import os
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
