@@ -1,6 +1,7 @@
 """eclip checkpoints: one .safetensors file; its header carries the config that rebuilds the model.
 
 Header metadata (all strings): format="eclip", eclip_version, config=<EntityCLIPConfig as JSON>,
+for a Hugging Face text tower hf_text_files=<{file name: text}> (its config.json and tokenizer),
 plus anything the caller adds (e.g. training step). Nothing is ever unpickled.
 """
 from __future__ import annotations
@@ -28,7 +29,11 @@ def sha256_file(path) -> str:
 def save_checkpoint(model, path, extra: dict | None = None) -> Path:
     """Write backbone + experts + head weights and the config, atomically."""
     from safetensors.torch import save_model
+    from eclip.model.hf_text import HEADER_KEY, tower_files
     meta = {"format": FORMAT, "eclip_version": __version__, "config": json.dumps(model.config.to_dict())}
+    hf_files = tower_files(model)      # a Hugging Face text tower's config and tokenizer (~1 MB)
+    if hf_files:
+        meta[HEADER_KEY] = json.dumps(hf_files)
     meta.update({k: str(v) for k, v in (extra or {}).items()})
     path = Path(path)
     with atomic_path(path) as tmp:
@@ -59,6 +64,7 @@ def load_checkpoint(path, device: str = "cpu"):
 
     from eclip.config import EntityCLIPConfig, config_problem
     from eclip.model.factory import build, register_config
+    from eclip.model.hf_text import HEADER_KEY, is_hf_text, rebuild_config
     meta = read_header(path)
     try:
         raw = json.loads(meta["config"])
@@ -68,10 +74,14 @@ def load_checkpoint(path, device: str = "cpu"):
     if problem:
         raise EclipError(f"{path}: eclip header field {problem}")
     config = EntityCLIPConfig.from_dict(raw)
-    name = register_config(config.clip_config)   # the header alone rebuilds it: no hub, no folder
-    tokenizer = config.tokenizer if config.tokenizer.startswith(("hf-hub:", "local-dir:")) else name
+    clip_config = config.clip_config
+    if is_hf_text(clip_config):
+        clip_config = rebuild_config(clip_config, meta, path)
+    name = register_config(clip_config)   # the header alone rebuilds it: no hub, no folder
+    hub_or_dir = config.tokenizer.startswith(("hf-hub:", "local-dir:")) and HEADER_KEY not in meta
+    tokenizer = config.tokenizer if hub_or_dir else name
     try:
-        model = build(name, config.clip_config, tokenizer, config.experts, config.loss, device="cpu",
+        model = build(name, clip_config, tokenizer, config.experts, config.loss, device="cpu",
                       preprocess_cfg=config.preprocess)
     except Exception as e:   # types were plausible, but open_clip cannot build what the header describes
         first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__

@@ -132,3 +132,24 @@ def test_similarity_is_cosine(tiny_model):
     sim = tiny_model.similarity(i, t)
     assert sim.shape == (4, 4) and float(sim.abs().max()) <= 1.0 + 1e-5
     torch.testing.assert_close(sim[1, 2], F.cosine_similarity(i[1], t[2], dim=0))
+
+
+def test_single_token_towers_are_named_once(tiny_config_path, tmp_path, monkeypatch, capsys):
+    """A ViT and CLIP text tower give every token; a ModifiedResNet gives one, said once on the first forward."""
+    import json
+
+    from conftest import TINY, make_tiny
+    vit = make_tiny(tiny_config_path)
+    assert vit.token_note() is None
+    path = tmp_path / "tiny-rn.json"
+    path.write_text(json.dumps({**TINY, "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 16}}))
+    rn = make_tiny(path)
+    v_tok, v_cls = image_tokens(rn.clip, torch.randn(2, 3, 64, 64))
+    assert v_tok.shape == (2, 1, 64)
+    monkeypatch.delenv("ECLIP_QUIET", raising=False)
+    images, captions, explanations = batch(rn, n=2)
+    rn(images, captions, explanations)
+    rn(images, captions, explanations)
+    said = capsys.readouterr().err
+    assert said.count("\n") == 1 and "image tower (ModifiedResNet) gives the experts one token" in said, said
+    assert make_tiny(path, experts=ExpertConfig(enabled=False)).token_note() is None   # no experts, nothing to say

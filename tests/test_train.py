@@ -148,3 +148,20 @@ def test_a_dataset_file_needs_a_validation_file(tmp_path, flags):
     argv[argv.index("--dataset") + 1] = str(lonely)
     result = CliRunner().invoke(app, argv)
     assert result.exit_code == 2 and "--val-dataset" in result.output
+
+
+def test_a_single_token_tower_is_said_once_at_start(tmp_path, flags, monkeypatch):
+    """A ModifiedResNet image tower gives the experts one token: training says so in one line at start."""
+    from conftest import TINY
+    monkeypatch.delenv("ECLIP_QUIET", raising=False)
+    config = tmp_path / "tiny-rn.json"
+    config.write_text(json.dumps({**TINY, "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 16}}))
+    argv = train_args(flags, tmp_path / "run", "--epochs", "1")
+    argv[argv.index("--model") + 1] = str(config)
+    result = CliRunner(mix_stderr=False).invoke(app, argv)
+    assert result.exit_code == 0, (result.stderr[-2000:], result.exception)
+    lines = result.stderr.splitlines()
+    said = [i for i, line in enumerate(lines) if "one token" in line]
+    assert len(said) == 1 and "image tower (ModifiedResNet)" in lines[said[0]], result.stderr[-2000:]
+    assert "text tower" not in lines[said[0]]
+    assert lines[said[0] - 1].startswith("training 48 pairs"), lines[: said[0] + 1]   # right after the start line

@@ -5,13 +5,19 @@ the last block's output, after the tower's final layer norm, is projected like
 the pooled feature. Token 0 of the image and the EOT token of the text therefore
 equal open_clip's `encode_image` / `encode_text`.
 
-Towers without token outputs (ModifiedResNet, timm, Hugging Face text towers) fall
-back to a single token: the pooled feature. The experts then see one token per
-side; training still works, with less for attention to look at.
+Hugging Face text towers give every token's last hidden state through the tower's own
+projection, with the padding mask from the attention mask; see `hf_text_tokens` for the
+pooled position.
+
+Towers without token outputs (ModifiedResNet, timm) fall back to a single token: the
+pooled feature. The experts then see one token on that side; training still works,
+with less for attention to look at (`single_token_towers` names them, and training
+says so at start).
 """
 from __future__ import annotations
 
 import torch
+from open_clip.hf_model import HFTextEncoder
 from open_clip.transformer import TextTransformer, VisionTransformer
 
 
@@ -39,9 +45,9 @@ def image_tokens(clip, images: torch.Tensor):
 
 
 def _text_tower(clip):
-    """(tower, token_embedding-owner) for CLIP (text tower inlined) or CustomTextCLIP (clip.text)."""
+    """The text tower with token outputs: clip itself (CLIP inlines it), clip.text, or None."""
     text = getattr(clip, "text", None)
-    if isinstance(text, TextTransformer) and text.cls_emb is None:
+    if isinstance(text, HFTextEncoder) or isinstance(text, TextTransformer) and text.cls_emb is None:
         return text
     if hasattr(clip, "transformer") and hasattr(clip, "token_embedding"):
         return clip
@@ -60,11 +66,15 @@ def eot_positions(tokens: torch.Tensor, pool_type: str = "argmax", eos_id=None) 
 
 
 def text_tokens(clip, tokens: torch.Tensor):
-    """tokens [B, L] -> (features [B, L, D], pooled [B, D], eot [B], padding [B, L] bool).
+    """tokens [B, L] -> (features [B, L', D], pooled [B, D], position [B], padding [B, L'] bool).
 
-    `padding` is True after the EOT position: those keys are masked in expert attention.
+    `features[i, position[i]]` is the pooled feature (encode_text); the experts read there.
+    `padding` is True for padded keys (after EOT; for HF towers where the attention mask is 0):
+    those keys are masked in expert attention. L' = L, or L + 1 for a mean-pooled HF tower.
     """
     tower = _text_tower(clip)
+    if isinstance(tower, HFTextEncoder):
+        return hf_text_tokens(tower, tokens)
     if tower is None:
         pooled = clip.encode_text(tokens)
         zeros = torch.zeros(tokens.shape[0], dtype=torch.long, device=tokens.device)
@@ -80,3 +90,40 @@ def text_tokens(clip, tokens: torch.Tensor):
     positions = torch.arange(tokens.shape[1], device=tokens.device)
     padding = positions[None, :] > eot[:, None]
     return feats, out["text_features"], eot, padding
+
+
+def hf_text_tokens(tower: HFTextEncoder, tokens: torch.Tensor):
+    """A Hugging Face text tower's tokens, as `text_tokens` returns them.
+
+    Every token's last hidden state goes through the tower's projection (linear or mlp: both act
+    on each token alone, so projecting all tokens and picking one equals picking then projecting).
+    The pooled position, where `features` holds exactly the pooled feature:
+      - CLS pooling: token 0. With BERT's pooler head (`cls_pooler` on a model that has one) the
+        pooled feature is proj(tanh(W h_0 + b)), not proj(h_0): token 0 holds the pooled feature.
+      - mean (or any pooling over tokens): no token is the pooled feature, so it is put in front of
+        the tokens as a summary token at position 0, never padded (docs/METHOD.md, "Backbone").
+    """
+    mask = (tokens != tower.config.pad_token_id).long()          # exactly as HFTextEncoder.forward
+    out = tower.transformer(input_ids=tokens, attention_mask=mask)
+    pooled = tower.proj(tower.pooler(out, mask))                   # == clip.encode_text(tokens)
+    feats = tower.proj(out.last_hidden_state)                      # [B, L, D]
+    padding = mask == 0
+    position = getattr(tower.pooler, "cls_token_position", None)
+    b = tokens.shape[0]
+    if position is None:
+        feats = torch.cat([pooled[:, None], feats], dim=1)
+        padding = torch.cat([padding.new_zeros(b, 1), padding], dim=1)
+        position = 0
+    elif getattr(out, "pooler_output", None) is not None and getattr(tower.pooler, "use_pooler_output", False):
+        feats = torch.cat([feats[:, :position], pooled[:, None], feats[:, position + 1:]], dim=1)
+    return feats, pooled, torch.full((b,), position, dtype=torch.long, device=tokens.device), padding
+
+
+def single_token_towers(clip) -> list[str]:
+    """Names of the towers that give the experts one token (the pooled feature) instead of all."""
+    out = []
+    if not _vit_has_token_outputs(clip.visual):
+        out.append(f"image tower ({type(clip.visual).__name__})")
+    if _text_tower(clip) is None:
+        out.append(f"text tower ({type(getattr(clip, 'text', clip)).__name__})")
+    return out

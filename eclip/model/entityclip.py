@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from eclip.config import EntityCLIPConfig
-from eclip.model.backbone import image_tokens, text_tokens
+from eclip.console import note
+from eclip.model.backbone import image_tokens, single_token_towers, text_tokens
 from eclip.model.experts import MultimodalExperts
 from eclip.model.itm import MatchingHead, hard_negative_indices
 from eclip.model.loss import gather, shared_uniforms, vtc_loss, world
@@ -26,6 +27,7 @@ class EntityCLIP(nn.Module):
         self.experts = MultimodalExperts(width, cfg) if cfg.enabled else None
         n_pair = cfg.n_vision + cfg.n_text + 2 * cfg.n_shared
         self.itm = MatchingHead(width, n_pair) if cfg.enabled else None
+        self.token_note_given = False    # the single-token note is said once (training start or first forward)
 
     # ---- inference: plain CLIP ----
     @property
@@ -58,12 +60,25 @@ class EntityCLIP(nn.Module):
         return {**self.source, "preprocess": self.config.preprocess}
 
     # ---- training ----
+    def token_note(self) -> str | None:
+        """One line when a tower gives the experts a single token (ModifiedResNet, timm); else None."""
+        towers = single_token_towers(self.clip) if self.experts is not None else []
+        if not towers:
+            return None
+        return (f"note: the {' and the '.join(towers)} give{'s' if len(towers) == 1 else ''} the experts one token, "
+                f"the pooled feature, not every token: those experts have nothing to attend over "
+                f"(README: which towers give the experts tokens)")
+
     def forward(self, images, captions, explanations, group_ids=None, generator=None) -> dict:
         """images [b,3,H,W], captions / explanations [b,L] token ids -> dict of scalar losses.
 
         group_ids [b] (optional): pairs sharing an id (e.g. the same image file) are never
         drawn as each other's negatives. `generator` makes negative sampling reproducible.
         """
+        if not self.token_note_given:
+            self.token_note_given = True
+            if self.token_note():
+                note(self.token_note())
         b = images.shape[0]
         scale = self.logit_scale
         if self.experts is None:       # plain CLIP fine-tuning: explanations are not needed

@@ -10,7 +10,6 @@ import contextlib
 import hashlib
 import json
 import os
-import socket
 import tempfile
 from dataclasses import replace
 from pathlib import Path
@@ -18,8 +17,8 @@ from pathlib import Path
 from eclip.config import (DEFAULT_MODEL, DEFAULT_PRETRAINED, EntityCLIPConfig, ExpertConfig, LossConfig,
                           ModelSpec)
 from eclip.errors import EclipError
-
-HUB_HOST = "huggingface.co"
+from eclip.model.hf_text import is_hf_text, resolve_names
+from eclip.model.hub import cached_hub_file, hub_file_available, hub_offline_if_cached, hub_reachable
 
 
 def resolve_device(device: str | None) -> str:
@@ -56,6 +55,8 @@ def resolve_architecture(model: str) -> tuple[str, dict, str]:
             assert "vision_cfg" in cfg and "text_cfg" in cfg and "embed_dim" in cfg
         except (ValueError, AssertionError):
             raise EclipError(f"--model {model}: not an open_clip model config (needs embed_dim, vision_cfg, text_cfg)")
+        if is_hf_text(cfg):
+            cfg = resolve_names(cfg, path.parent, f"--model {model}")
         name = register_config(cfg)
         return name, cfg, name
     if model.startswith("hf-hub:"):
@@ -73,49 +74,16 @@ def resolve_architecture(model: str) -> tuple[str, dict, str]:
     if cfg is None:
         raise EclipError(f"--model {model}: unknown architecture (see `python -c \"import open_clip; "
                          f"print(open_clip.list_models())\"`), or pass a model-config JSON file")
+    if is_hf_text(cfg):      # e.g. roberta-ViT-B-32: its text tower comes from the hub
+        resolve_names(cfg, None, f"--model {model}")
     return name, cfg, name
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False"):
-        return False
-    try:
-        socket.create_connection((HUB_HOST, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
-def _cached_hub_file(repo: str, filenames) -> str | None:
-    from huggingface_hub import try_to_load_from_cache
-    for name in filenames:
-        path = try_to_load_from_cache(repo, name)
-        if isinstance(path, str):
-            return path
-    return None
-
-
 def _require_hub_file(repo: str, filenames, what: str) -> None:
-    if _cached_hub_file(repo, filenames) is None and not _hub_reachable():
+    if not hub_file_available(repo, filenames):
         raise EclipError(f"{what}: {repo} is not in the local Hugging Face cache and the hub is unreachable "
                          f"(offline?); copy the files to a folder and use local-dir:PATH, or pass "
                          f"--pretrained /path/to/weights.safetensors")
-
-
-@contextlib.contextmanager
-def hub_offline_if_cached(cached: bool):
-    """Files already cached: stop huggingface_hub from asking the network about them."""
-    old = os.environ.get("HF_HUB_OFFLINE")
-    if cached:
-        os.environ["HF_HUB_OFFLINE"] = "1"
-    try:
-        yield
-    finally:
-        if cached:
-            if old is None:
-                os.environ.pop("HF_HUB_OFFLINE", None)
-            else:
-                os.environ["HF_HUB_OFFLINE"] = old
 
 
 def resolve_pretrained(name: str, pretrained: str | None) -> tuple[str | None, dict]:
@@ -136,11 +104,11 @@ def resolve_pretrained(name: str, pretrained: str | None) -> tuple[str | None, d
     local = None
     if tag_cfg.get("hf_hub"):
         repo, fname = os.path.split(tag_cfg["hf_hub"])
-        local = _cached_hub_file(repo, [fname] if fname else [HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME])
+        local = cached_hub_file(repo, [fname] if fname else [HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME])
     if local is None and tag_cfg.get("url"):
         candidate = Path("~/.cache/clip").expanduser() / os.path.basename(tag_cfg["url"])
         local = str(candidate) if candidate.is_file() else None
-    if local is None and not _hub_reachable():
+    if local is None and not hub_reachable():
         raise EclipError(
             f"--pretrained {pretrained}: weights for {name} are not in the local cache and the model hub is "
             f"unreachable (offline?); download them where the hub is reachable, or pass a local file with "
@@ -236,10 +204,13 @@ def build(name, clip_cfg, tokenizer_name, experts, loss, pretrained=None, tag_cf
     pp = preprocess_cfg or {k: tag_cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in tag_cfg}
     cached = pretrained is not None and Path(str(pretrained)).is_file()
     logging.getLogger().setLevel(logging.ERROR)   # open_clip logs "randomly initialised" at WARNING
+    # open_clip ignores text_cfg.hf_model_pretrained unless told: a checkpoint brings its own text weights
+    text_weights = clip_cfg.get("text_cfg", {}).get("hf_model_pretrained", True)
     try:
-        with hub_offline_if_cached(cached or name.startswith("local-dir:")):
+        with hub_offline_if_cached(cached or name.startswith("local-dir:")), quiet_transformers():
             clip = open_clip.create_model(name, pretrained=pretrained, device=device, force_quick_gelu=quick_gelu,
-                                          force_preprocess_cfg=pp or None)
+                                          force_preprocess_cfg=pp or None, pretrained_text=text_weights)
+            tokenizer = open_clip.get_tokenizer(tokenizer_name)
     except (RuntimeError, ValueError, KeyError, OSError) as e:
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise EclipError(f"could not build {name} with weights {pretrained}: {first}") from None
@@ -247,12 +218,27 @@ def build(name, clip_cfg, tokenizer_name, experts, loss, pretrained=None, tag_cf
         clip_cfg = {**clip_cfg, "quick_gelu": True}
     preprocess_dict = json.loads(json.dumps(dict(clip.visual.preprocess_cfg)))  # tuples -> lists, as in headers
     preprocess = image_transform_v2(PreprocessCfg(**preprocess_dict), is_train=False)
-    tokenizer = open_clip.get_tokenizer(tokenizer_name)
     config = EntityCLIPConfig(clip_name=name, clip_config=clip_cfg, preprocess=preprocess_dict,
                               tokenizer=tokenizer_name,
                               context_length=clip_cfg.get("text_cfg", {}).get("context_length", 77),
                               experts=replace(experts), loss=replace(loss))
     return EntityCLIP(clip, config, preprocess, tokenizer).to(device)
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """A Hugging Face text tower loads without transformers' progress bar and load report on stderr
+    (e.g. "pooler.dense.weight UNEXPECTED" for a mean-pooled BERT): eclip says what matters itself."""
+    from transformers.utils import logging as hf_logging
+    level, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bar:
+            hf_logging.enable_progress_bar()
 
 
 def _cast(m, precision: str):

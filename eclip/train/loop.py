@@ -110,6 +110,9 @@ class Trainer:
                  f"per epoch, {self.total_steps} optimizer steps) on {acc.num_processes} process(es), "
                  f"{acc.device.type}, {cfg.precision}, {'EntityCLIP' if self.experts else 'plain CLIP'}; "
                  f"{where}; validating on {len(self.val_records)} pairs", self.main)
+        if self.core.token_note():
+            announce(self.core.token_note(), self.main)
+        self.core.token_note_given = True            # said here, on the main process only
 
     def _restore(self, resume: bool):
         """Trainer record (step, epoch, best so far, ...) and, when resuming, the last saved state."""

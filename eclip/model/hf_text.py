@@ -1,0 +1,109 @@
+"""Hugging Face text towers (open_clip's `hf_model_name`): where their files come from.
+
+A model config names the tower by folder or hub id. A relative folder is looked for next to the
+config file first, then in the working directory; anything else is a hub id, which must be in the
+local cache unless the hub is reachable (one line at once instead of a minute of retries).
+
+A checkpoint carries the tower's small files (config.json and the tokenizer, ~1 MB) in its
+header, so it rebuilds without the original folder or the hub: the weights are in the checkpoint.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+from pathlib import Path
+
+from eclip.errors import EclipError
+from eclip.model.hub import hub_file_available
+
+NAME_KEYS = ("hf_model_name", "hf_tokenizer_name")
+HEADER_KEY = "hf_text_files"
+
+
+def is_hf_text(clip_cfg: dict) -> bool:
+    return bool(clip_cfg.get("text_cfg", {}).get("hf_model_name"))
+
+
+def resolve_names(clip_cfg: dict, config_dir: Path | None, what: str) -> dict:
+    """The config with each HF folder made absolute; EclipError when a name is neither a folder here
+    nor a hub id that can be had (cached, or the hub reachable)."""
+    text = dict(clip_cfg.get("text_cfg", {}))
+    for key in NAME_KEYS:
+        name = text.get(key)
+        if not name:
+            continue
+        given = Path(name).expanduser()
+        candidates = [given]
+        if config_dir is not None and not given.is_absolute():
+            candidates.insert(0, config_dir / given)
+        folder = next((c for c in candidates if c.is_dir()), None)
+        where = "next to the config and in the working directory" if config_dir else "in the working directory"
+        if folder is not None:
+            text[key] = str(folder.resolve())
+        elif given.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1:
+            raise EclipError(f"{what}: text_cfg.{key} {name}: no such folder (looked {where})")
+        else:
+            wanted = ["config.json"] if key == "hf_model_name" else ["tokenizer_config.json", "tokenizer.json"]
+            if not hub_file_available(name, wanted):
+                raise EclipError(f"{what}: text_cfg.{key} {name} is neither a folder here (looked {where}) nor "
+                                 f"in the local Hugging Face cache, and the hub is unreachable (offline?); "
+                                 f"point it at the model's folder")
+    return {**clip_cfg, "text_cfg": text}
+
+
+def tower_files(model) -> dict:
+    """{file name: text} that rebuild the model's HF text tower and tokenizer without weights; {} for
+    other towers, or when the tokenizer needs a binary file (then the folder must stay reachable)."""
+    from open_clip.hf_model import HFTextEncoder
+    tower, tokenizer = getattr(model.clip, "text", None), getattr(model.tokenizer, "tokenizer", None)
+    if not isinstance(tower, HFTextEncoder) or tokenizer is None:
+        return {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tower.config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        files = {}
+        for path in sorted(Path(tmp).iterdir()):
+            try:
+                files[path.name] = path.read_text(encoding="utf-8")
+            except UnicodeDecodeError:
+                return {}
+    return files if {"config.json", "tokenizer.json"} <= set(files) else {}
+
+
+def tower_folder(files: dict) -> Path:
+    """The files written once into a folder named by their content ($ECLIP_CACHE/hf-text/<sha>)."""
+    from eclip.atomic import atomic_path
+    from eclip.explain.backends import eclip_cache_dir
+    digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16]
+    folder = eclip_cache_dir() / "hf-text" / digest
+    for name, text in files.items():
+        if Path(name).name != name:
+            raise EclipError(f"checkpoint header: odd file name {name!r} among the text tower's files")
+        if not (folder / name).is_file() or (folder / name).read_text(encoding="utf-8") != text:
+            folder.mkdir(parents=True, exist_ok=True)
+            with atomic_path(folder / name) as tmp:
+                Path(tmp).write_text(text, encoding="utf-8")
+    return folder
+
+
+def rebuild_config(clip_cfg: dict, meta: dict, path) -> dict:
+    """The open_clip config that rebuilds a checkpoint's HF text tower: from the files in its header
+    (no weights loaded: they are in the checkpoint), else from the folders its config names."""
+    text = dict(clip_cfg["text_cfg"], hf_model_pretrained=False)
+    if meta.get(HEADER_KEY):
+        try:
+            files = json.loads(meta[HEADER_KEY])
+        except ValueError:
+            files = None
+        if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
+            raise EclipError(f"{path}: eclip header field {HEADER_KEY}: expected a JSON object of file texts")
+        folder = str(tower_folder(files))
+        return {**clip_cfg, "text_cfg": {**text, "hf_model_name": folder, "hf_tokenizer_name": folder}}
+    for key in NAME_KEYS:
+        name = text.get(key)
+        if name and Path(name).is_absolute() and not Path(name).is_dir():
+            raise EclipError(f"{path}: its text tower is the Hugging Face model in {name} (text_cfg.{key}), "
+                             f"which is not on this machine; put that folder there (config.json and the "
+                             f"tokenizer files suffice: the weights are in the checkpoint)")
+    return resolve_names({**clip_cfg, "text_cfg": text}, None, str(path))
