@@ -248,3 +248,21 @@ def test_checkpoint_without_its_folder_names_it(tmp_path, mean_model):
     assert "\n" not in str(err.value)
     result = cli("match", "--checkpoint", tmp_path / "bare.safetensors", minilm_folder() / "config.json", "x", code=2)
     assert result.stderr.count("\n") == 1 and gone in result.stderr
+
+
+def test_tower_files_go_to_the_cache_or_else_the_temporary_folder(tmp_path, monkeypatch):
+    import tempfile
+
+    from eclip.errors import EclipError
+    from eclip.model.hf_text import tower_folder
+    files = {"config.json": '{"model_type": "bert"}', "tokenizer.json": "{}"}
+    monkeypatch.setenv("ECLIP_CACHE", str(tmp_path / "cache"))
+    cached = tower_folder(files)
+    assert cached.parent == tmp_path / "cache" / "hf-text" and (cached / "config.json").read_text() == files["config.json"]
+    (tmp_path / "blocked").write_text("")                      # a file where the cache folder would be
+    monkeypatch.setenv("ECLIP_CACHE", str(tmp_path / "blocked"))
+    fallback = tower_folder(files)
+    assert fallback.name == cached.name and str(fallback).startswith(tempfile.gettempdir())
+    assert (fallback / "tokenizer.json").read_text() == "{}"
+    with pytest.raises(EclipError, match="odd file names"):
+        tower_folder({"../config.json": "{}"})

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import tempfile
 from pathlib import Path
 
@@ -72,14 +73,21 @@ def tower_files(model) -> dict:
 
 
 def tower_folder(files: dict) -> Path:
-    """The files written once into a folder named by their content ($ECLIP_CACHE/hf-text/<sha>)."""
-    from eclip.atomic import atomic_path
+    """The files written once into a folder named by their content ($ECLIP_CACHE/hf-text/<sha>; the
+    temporary folder when the cache is not writable)."""
     from eclip.explain.backends import eclip_cache_dir
+    if any(Path(name).name != name for name in files):
+        raise EclipError(f"checkpoint header: odd file names among the text tower's files: {sorted(files)}")
     digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16]
-    folder = eclip_cache_dir() / "hf-text" / digest
+    try:
+        return _write_once(eclip_cache_dir() / "hf-text" / digest, files)
+    except OSError:
+        return _write_once(Path(tempfile.gettempdir()) / f"eclip-hf-text-{os.getuid()}" / digest, files)
+
+
+def _write_once(folder: Path, files: dict) -> Path:
+    from eclip.atomic import atomic_path
     for name, text in files.items():
-        if Path(name).name != name:
-            raise EclipError(f"checkpoint header: odd file name {name!r} among the text tower's files")
         if not (folder / name).is_file() or (folder / name).read_text(encoding="utf-8") != text:
             folder.mkdir(parents=True, exist_ok=True)
             with atomic_path(folder / name) as tmp:
