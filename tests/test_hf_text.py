@@ -239,7 +239,8 @@ def test_checkpoint_without_its_folder_names_it(tmp_path, mean_model):
     from eclip.errors import EclipError
     path = save_checkpoint(mean_model, tmp_path / "full.safetensors")
     meta = read_header(path)
-    config = json.loads(meta.pop("hf_text_files") and meta["config"])
+    assert "tokenizer.json" in json.loads(meta.pop("hf_text_files"))
+    config = json.loads(meta["config"])
     gone = str(tmp_path / "moved" / "all-MiniLM-L6-v2")
     config["clip_config"]["text_cfg"].update(hf_model_name=gone, hf_tokenizer_name=gone)
     save_file(load_file(path), tmp_path / "bare.safetensors", metadata={**meta, "config": json.dumps(config)})
@@ -248,6 +249,11 @@ def test_checkpoint_without_its_folder_names_it(tmp_path, mean_model):
     assert "\n" not in str(err.value)
     result = cli("match", "--checkpoint", tmp_path / "bare.safetensors", minilm_folder() / "config.json", "x", code=2)
     assert result.stderr.count("\n") == 1 and gone in result.stderr
+
+    odd = {**meta, "hf_text_files": json.dumps({"../config.json": "{}"})}
+    save_file(load_file(path), tmp_path / "odd.safetensors", metadata=odd)
+    with pytest.raises(EclipError, match="header field hf_text_files: expected a JSON object of file names"):
+        load_checkpoint(tmp_path / "odd.safetensors")
 
 
 def test_tower_files_go_to_the_cache_or_else_the_temporary_folder(tmp_path, monkeypatch):

@@ -77,7 +77,7 @@ def tower_folder(files: dict) -> Path:
     temporary folder when the cache is not writable)."""
     from eclip.explain.backends import eclip_cache_dir
     if any(Path(name).name != name for name in files):
-        raise EclipError(f"checkpoint header: odd file names among the text tower's files: {sorted(files)}")
+        raise EclipError(f"eclip header field {HEADER_KEY}: odd file names {sorted(files)}")
     digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16]
     try:
         return _write_once(eclip_cache_dir() / "hf-text" / digest, files)
@@ -104,8 +104,9 @@ def rebuild_config(clip_cfg: dict, meta: dict, path) -> dict:
             files = json.loads(meta[HEADER_KEY])
         except ValueError:
             files = None
-        if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
-            raise EclipError(f"{path}: eclip header field {HEADER_KEY}: expected a JSON object of file texts")
+        if not isinstance(files, dict) or not all(isinstance(v, str) and Path(k).name == k for k, v in files.items()):
+            raise EclipError(f"{path}: eclip header field {HEADER_KEY}: expected a JSON object of file names "
+                             f"and their texts")
         folder = str(tower_folder(files))
         return {**clip_cfg, "text_cfg": {**text, "hf_model_name": folder, "hf_tokenizer_name": folder}}
     for key in NAME_KEYS:
