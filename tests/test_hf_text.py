@@ -264,7 +264,8 @@ def test_tower_files_go_to_the_cache_or_else_the_temporary_folder(tmp_path, monk
     files = {"config.json": '{"model_type": "bert"}', "tokenizer.json": "{}"}
     monkeypatch.setenv("ECLIP_CACHE", str(tmp_path / "cache"))
     cached = tower_folder(files)
-    assert cached.parent == tmp_path / "cache" / "hf-text" and (cached / "config.json").read_text() == files["config.json"]
+    assert cached.parent == tmp_path / "cache" / "hf-text"
+    assert (cached / "config.json").read_text() == files["config.json"]
     (tmp_path / "blocked").write_text("")                      # a file where the cache folder would be
     monkeypatch.setenv("ECLIP_CACHE", str(tmp_path / "blocked"))
     fallback = tower_folder(files)

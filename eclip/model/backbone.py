@@ -97,11 +97,13 @@ def hf_text_tokens(tower: HFTextEncoder, tokens: torch.Tensor):
 
     Every token's last hidden state goes through the tower's projection (linear or mlp: both act
     on each token alone, so projecting all tokens and picking one equals picking then projecting).
-    The pooled position, where `features` holds exactly the pooled feature:
-      - CLS pooling: token 0. With BERT's pooler head (`cls_pooler` on a model that has one) the
-        pooled feature is proj(tanh(W h_0 + b)), not proj(h_0): token 0 holds the pooled feature.
+    The pooled position, where `features` holds the pooled feature:
+      - CLS pooling: token 0 (equal up to float rounding of the batched matmul). With BERT's
+        pooler head (`cls_pooler` on a model that has one) the pooled feature is
+        proj(tanh(W h_0 + b)), not proj(h_0): token 0 holds the pooled feature itself.
       - mean (or any pooling over tokens): no token is the pooled feature, so it is put in front of
-        the tokens as a summary token at position 0, never padded (docs/METHOD.md, "Backbone").
+        the tokens as a summary token at position 0, never padded (docs/METHOD.md, "Hugging Face
+        text towers: where the experts read").
     """
     mask = (tokens != tower.config.pad_token_id).long()          # exactly as HFTextEncoder.forward
     out = tower.transformer(input_ids=tokens, attention_mask=mask)
