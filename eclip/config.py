@@ -151,7 +151,10 @@ class TrainConfig:
     output: str                           # RUN_DIR
     dataset: Optional[str] = None         # n24news | visualnews | goodnews | FILE.jsonl / FILE.csv
     data_root: Optional[str] = None       # None: $ECLIP_DATA/<dataset> or ~/.cache/eclip/data/<dataset>
-    val_dataset: Optional[str] = None     # None: the benchmark's val split, or FILE with train -> val
+    val_dataset: Optional[str] = None     # None: the benchmark's val split, FILE with train -> val, or a share
+    val_fraction: Optional[float] = None  # share of --dataset's images held out for validation (the default,
+                                          # 0.05, when a file has no val file beside it)
+    no_val: bool = False                  # no validation: best.safetensors is the last model
     explanations: Optional[str] = None    # explanation cache from `eclip explain`
     train_split: str = "train"
     val_split: str = "val"

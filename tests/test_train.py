@@ -141,15 +141,6 @@ def test_a_new_run_never_writes_into_an_old_one(tmp_path, flags):
     assert result.exit_code == 2 and "not a training run folder" in result.output
 
 
-def test_a_dataset_file_needs_a_validation_file(tmp_path, flags):
-    lonely = tmp_path / "pairs.jsonl"
-    lonely.write_text((flags / "set" / "train.jsonl").read_text())
-    argv = train_args(flags, tmp_path / "run")
-    argv[argv.index("--dataset") + 1] = str(lonely)
-    result = CliRunner().invoke(app, argv)
-    assert result.exit_code == 2 and "--val-dataset" in result.output
-
-
 def test_a_single_token_tower_is_said_once_at_start(tmp_path, flags, monkeypatch):
     """A ModifiedResNet image tower gives the experts one token: training says so in one line at start."""
     from conftest import TINY
@@ -165,3 +156,80 @@ def test_a_single_token_tower_is_said_once_at_start(tmp_path, flags, monkeypatch
     assert len(said) == 1 and "image tower (ModifiedResNet)" in lines[said[0]], result.stderr[-2000:]
     assert "text tower" not in lines[said[0]]
     assert lines[said[0] - 1].startswith("training 48 pairs"), lines[: said[0] + 1]   # right after the start line
+
+
+def one_file(flags, folder):
+    """train.jsonl and val.jsonl of the flag set as one file elsewhere (absolute image paths)."""
+    rows = []
+    for name in ("train.jsonl", "val.jsonl"):
+        for line in (flags / "set" / name).read_text().splitlines():
+            row = json.loads(line)
+            row["image"] = str(flags / "set" / row["image"])
+            rows.append(row)
+    path = folder / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path, len(rows)
+
+
+def run_on(flags, dataset, out, *extra, monkeypatch=None):
+    argv = train_args(flags, out, "--epochs", "1", *extra)
+    argv[argv.index("--dataset") + 1] = str(dataset)
+    monkeypatch.delenv("ECLIP_QUIET", raising=False)    # the run's own lines are what is tested
+    return CliRunner().invoke(app, argv)
+
+
+def test_one_file_holds_out_a_validation_share_by_image(tmp_path, flags, monkeypatch):
+    from eclip.config import TrainConfig
+    from eclip.train import resume_config
+    from eclip.train.setup import read_splits
+    pairs, n = one_file(flags, tmp_path)
+    run = tmp_path / "run"
+    result = run_on(flags, pairs, run, monkeypatch=monkeypatch)
+    assert result.exit_code == 0, result.output
+    first = result.output.splitlines()[0]
+    assert first.startswith("validation:") and "5%" in first and "--no-val" in first, result.output
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["val_fraction"] == 0.05 and saved["val_dataset"] is None and saved["no_val"] is False
+    assert json.loads((run / "summary.json").read_text())["best_val_rsum"] is not None
+    config = resume_config(run)
+    assert config.val_fraction == 0.05                                  # resume keeps the same split
+    train, val = read_splits(config)
+    assert len(train) + len(val) == n and len(val) == 3               # 5% of 60 images
+    assert not {r.image for r in train} & {r.image for r in val}
+    again = read_splits(TrainConfig.from_dict({**saved, "output": str(tmp_path / "other")}))
+    assert [r.id for r in again[1]] == [r.id for r in val]
+
+
+def test_hold_out_keeps_every_image_on_one_side_and_does_not_depend_on_order_or_place():
+    from eclip.data.records import Record
+    from eclip.train.setup import hold_out
+    records = [Record(f"{i}-{k}", f"/data/set/img{i}.jpg", f"caption {k} of {i}") for i in range(40) for k in range(2)]
+    train, val = hold_out(records, 0.1)
+    assert len({r.image for r in val}) == 4 and len(val) == 8 and len(train) == 72
+    assert not {r.image for r in train} & {r.image for r in val}
+    assert [r.id for r in hold_out(records[::-1], 0.1)[1]] == [r.id for r in val][::-1]
+    moved = [Record(r.id, r.image.replace("/data/set", "/elsewhere/copy"), r.caption) for r in records]
+    assert [r.id for r in hold_out(moved, 0.1)[1]] == [r.id for r in val]
+
+
+def test_no_val_trains_on_everything_and_best_is_the_last(tmp_path, flags, monkeypatch):
+    pairs, _ = one_file(flags, tmp_path)
+    run = tmp_path / "run"
+    result = run_on(flags, pairs, run, "--no-val", monkeypatch=monkeypatch)
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[0].startswith("validation: none (--no-val)"), result.output
+    best, last = load_file(run / "best.safetensors"), load_file(run / "last.safetensors")
+    assert best.keys() == last.keys() and all(torch.equal(best[k], last[k]) for k in best)
+    assert json.loads((run / "config.json").read_text())["no_val"] is True
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--no-val", "--val-dataset", "{val}"], "--no-val"),
+    (["--val-fraction", "0.1", "--val-dataset", "{val}"], "--val-fraction"),
+    (["--val-fraction", "1.5"], "--val-fraction"),
+])
+def test_validation_options_that_do_not_fit_exit_2(tmp_path, flags, monkeypatch, extra, message):
+    pairs, _ = one_file(flags, tmp_path)
+    extra = [e.format(val=flags / "set" / "val.jsonl") for e in extra]
+    result = run_on(flags, pairs, tmp_path / "run", *extra, monkeypatch=monkeypatch)
+    assert result.exit_code == 2 and message in result.output, result.output

@@ -54,8 +54,13 @@ def train(
         "--save-every, --log-every, --device, --tensorboard may be changed).", "--resume", metavar="RUN_DIR")] = None,
     data_root: DataRoot = None,
     val_dataset: Annotated[Optional[str], _opt(
-        "Data", None, "Validation pairs. Default: the benchmark's val split, or for FILE the file beside it "
-        "with 'train' replaced by 'val' in its name.", "--val-dataset")] = None,
+        "Data", None, "Validation pairs. Default: the benchmark's val split; for FILE the file beside it "
+        "with 'train' replaced by 'val' in its name, else --val-fraction of FILE.", "--val-dataset")] = None,
+    val_fraction: Annotated[OptFloat, _float(
+        "Data", "0.05 without a val file", "Hold out this share of --dataset's images, with all their pairs, "
+        "for validation (the same images on every run and resume).", "--val-fraction")] = None,
+    no_val: Annotated[OptBool, _opt(
+        "Data", None, "Train without validation: best.safetensors is the last model.", "--no-val")] = None,
     explanations: Explanations = None,
     model: Model = None,
     pretrained: Pretrained = None,
@@ -103,6 +108,7 @@ def train(
         spec = model_spec(model, pretrained, checkpoint, device, precision)
         given = {
             "dataset": dataset, "data_root": str(data_root) if data_root else None, "val_dataset": val_dataset,
+            "val_fraction": val_fraction, "no_val": no_val,
             "explanations": str(explanations) if explanations else None, "model": spec.model,
             "pretrained": spec.pretrained, "checkpoint": spec.checkpoint, "device": spec.device,
             "precision": spec.precision, "epochs": epochs, "batch_size": batch_size, "lr": lr,

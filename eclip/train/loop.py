@@ -72,15 +72,16 @@ class Trainer:
 
         from eclip.data.dataset import PairDataset, SkipLog
         from eclip.train.setup import (build_model, cosine_schedule, group_ids, make_optimizer, pair_loader,
-                                       read_splits, val_source)
+                                       read_splits, resolve_validation, validation_line)
         acc = self.acc
-        cfg = with_absolute_paths(cfg)   # config.json then resumes from any directory
+        cfg = resolve_validation(with_absolute_paths(cfg))   # config.json then resumes from any directory
         if not resume:
             self.run.check_fresh()
+        announce(validation_line(cfg), self.main)   # the run's first line
         set_seed(cfg.seed)
         model = build_model(cfg)
         self.train_records, self.val_records = read_splits(cfg)
-        self.cfg = cfg = replace(cfg, val_dataset=val_source(cfg))
+        self.cfg = cfg
         acc.wait_for_everyone()          # every process checked the folder before it is written
         if self.main:
             self.run.write_config(cfg)   # on resume too: changed --epochs etc. hold for the next resume
@@ -106,10 +107,11 @@ class Trainer:
         self.start = time.perf_counter() - self.t["elapsed_s"]
         self._reset_window(self.t.get("window"))   # a resume inside a logging window continues that window
         where = f"from step {self.t['step']}" if latest else "from the start"
+        validating = f"validating on {len(self.val_records)} pairs" if self.val_records else "no validation"
         announce(f"training {len(self.train_records)} pairs ({self.batches_per_epoch} batches of {cfg.batch_size} "
                  f"per epoch, {self.total_steps} optimizer steps) on {acc.num_processes} process(es), "
                  f"{acc.device.type}, {cfg.precision}, {'EntityCLIP' if self.experts else 'plain CLIP'}; "
-                 f"{where}; validating on {len(self.val_records)} pairs", self.main)
+                 f"{where}; {validating}", self.main)
         if self.core.token_note():
             announce(self.core.token_note(), self.main)
         self.core.token_note_given = True            # said here, on the main process only
@@ -225,6 +227,8 @@ class Trainer:
         from eclip.checkpoint import save_checkpoint
         from eclip.train.validate import validate
         cfg, t = self.cfg, self.t
+        if cfg.no_val:
+            return     # _save writes best.safetensors as the last model
         metrics, skipped = validate(self.acc, self.model, self.val_set, self.val_ids,
                                     max(1, cfg.batch_size // self.acc.num_processes), cfg.workers)
         self._skipped(skipped, self.val_records, "skipped_val")
@@ -244,8 +248,12 @@ class Trainer:
     def _save(self) -> None:
         from eclip.checkpoint import save_checkpoint
         t = self.t
+        if self.cfg.no_val:     # no validation: the best model is the last
+            t["best_epoch"], t["best_step"] = t["epoch"], t["step"]
         if self.main:
             save_checkpoint(self.core, self.run / "last.safetensors", extra={"step": t["step"], "epoch": t["epoch"]})
+            if self.cfg.no_val:
+                save_checkpoint(self.core, self.run / "best.safetensors", extra={"step": t["step"], "epoch": t["epoch"]})
             t["log_bytes"] = self.rec.log_bytes()
             t["skipped_bytes"] = (self.run / "skipped.jsonl").stat().st_size
         t["elapsed_s"] = time.perf_counter() - self.start
