@@ -15,6 +15,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from eclip import clip_retrieval
 from eclip.checkpoint import sha256_file
 from eclip.data.dataset import ImageDataset, collate_images
 from eclip.embedstore import COLUMNS, DTYPES, ERRORS, check_identity, finalize, finished_files, \
@@ -26,6 +27,7 @@ from eclip.match import IMAGE_EXTENSIONS, autocast, load_inference_model
 DEFAULT_SHARD_SIZE = 4096
 DEFAULT_BATCH_SIZE = 64
 LIST_SUFFIXES = {".txt", ".lst", ".list"}
+LAYOUTS = ("eclip", clip_retrieval.LAYOUT)
 
 
 def default_workers() -> int:
@@ -131,11 +133,14 @@ def _text_fingerprint(item: dict) -> str:
 
 def embed(spec, output, *, images=None, texts=None, dataset=None, data_root=None, split: str = "test",
           dtype: str = "fp16", shard_size: int = DEFAULT_SHARD_SIZE, batch_size: int = DEFAULT_BATCH_SIZE,
-          workers: int | None = None, overwrite: bool = False) -> dict:
-    """Embed images and/or captions into OUTPUT (see eclip.embedstore). Re-running resumes.
+          workers: int | None = None, overwrite: bool = False, layout: str = "eclip") -> dict:
+    """Embed images and/or captions into OUTPUT, in eclip's own layout (eclip.embedstore) or
+    clip-retrieval's (eclip.clip_retrieval). Re-running resumes.
 
     Returns a summary: counts, shards written / reused, seconds and images/s of this process.
     """
+    if layout not in LAYOUTS:
+        raise EclipError(f"--format {layout}: one of {', '.join(LAYOUTS)}")
     if dtype not in DTYPES:
         raise EclipError(f"--dtype {dtype}: one of {', '.join(DTYPES)}")
     if shard_size < 1 or batch_size < 1:
@@ -159,21 +164,29 @@ def embed(spec, output, *, images=None, texts=None, dataset=None, data_root=None
         image_items = image_inputs(str(images)) if images else []
         text_items = text_inputs(texts) if texts else []
         source = {"images": str(images) if images else None, "texts": str(texts) if texts else None}
+    pairs = None
+    if layout == clip_retrieval.LAYOUT:   # before the model: the inputs must make rows of pairs
+        pairs = clip_retrieval.samples(image_items, text_items, paired=bool(dataset))
 
     started = time.perf_counter()
     accelerator = _accelerator(spec.device)
     # one writer per folder: the main process holds its lock for the whole run
     lock = lock_folder(output) if accelerator.is_main_process else None
     try:
-        return _embed(spec, output, accelerator, started, image_items, text_items, source, dtype, shard_size,
-                      batch_size, workers, overwrite)
+        return _embed(spec, output, accelerator, started, image_items, text_items, pairs, source, dtype,
+                      shard_size, batch_size, workers, overwrite)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _embed(spec, output, accelerator, started, image_items, text_items, source, dtype, shard_size, batch_size,
-           workers, overwrite) -> dict:
+def _embed(spec, output, accelerator, started, image_items, text_items, pairs, source, dtype, shard_size,
+           batch_size, workers, overwrite) -> dict:
+    layout = "eclip" if pairs is None else clip_retrieval.LAYOUT
+    there = clip_retrieval.layout_of(output) if output.is_dir() else None
+    if there not in (None, layout) and not overwrite:
+        raise EclipError(f"--output {output}: holds embeddings in the {there} layout, not {layout}; give another "
+                         f"folder, or --overwrite to replace them")
     rank, world = accelerator.process_index, accelerator.num_processes
     device = spec.device if (spec.device and world == 1) else str(accelerator.device)
     model = load_inference_model(_with_device(spec, device))
@@ -185,19 +198,58 @@ def _embed(spec, output, accelerator, started, image_items, text_items, source, 
     if existing is not None and not overwrite:
         check_identity(existing, identity, f"--output {output}")   # another model's vectors: refuse
     if accelerator.is_main_process:
-        for path in leftover_temp_files(output) + (our_files(output) if overwrite else []):
+        stale = leftover_temp_files(output) + clip_retrieval.leftover_temp_files(output)
+        if overwrite:
+            stale += our_files(output) + clip_retrieval.our_files(output)
+        for path in stale:
             path.unlink(missing_ok=True)
     accelerator.wait_for_everyone()
+    summary = {"output": str(output), "layout": layout, "rank": rank, "world_size": world, "written": 0,
+               "reused": 0, "seconds": {"load": loaded - started}}
+    run = _Run(model, output, identity, dtype, spec.precision, batch_size,
+               default_workers() if workers is None else workers, accelerator.is_main_process)
+    if pairs is not None:
+        _embed_pairs(run, accelerator, pairs, shard_size, summary, model_spec=_recorded_spec(spec), source=source)
+    else:
+        _embed_own(run, accelerator, image_items, text_items, shard_size, summary, _recorded_spec(spec), source)
+    summary["seconds"]["total"] = time.perf_counter() - started
+    return summary
 
+
+def _embed_pairs(run, accelerator, pairs, shard_size, summary, model_spec, source) -> None:
+    """--format clip-retrieval: partitions of samples (eclip.clip_retrieval)."""
+    samples_, kinds = pairs
+    output, rank = run.output, accelerator.process_index
+    shards = clip_retrieval.plan(samples_, kinds, shard_size, accelerator.num_processes, run.identity, run.dtype)
+    digits = clip_retrieval.width(shards)
+    mine = [s for s in shards if s.rank == rank]
+    todo = [s for s in mine if not clip_retrieval.finished(output, s, digits, kinds)]
+    summary.update(written=len(todo), reused=len(mine) - len(todo))
+    t0 = time.perf_counter()
+    done = clip_retrieval.embed_partitions(run, output, samples_, todo, digits, kinds)
+    seconds = time.perf_counter() - t0
+    summary["seconds"]["samples"] = seconds
+    summary.update(samples_embedded=done, samples_per_s=done / seconds if seconds > 0 and done else None)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        manifest = clip_retrieval.finalize(output, shards, digits, kinds, run.identity,
+                                           dim=run.model.config.clip_config["embed_dim"], dtype=run.dtype,
+                                           model_spec=model_spec, source=source)
+        summary.update({"images": manifest["count"] if "images" in kinds else 0, "errors": manifest["errors"],
+                        "texts": manifest["count"] if "texts" in kinds else 0,
+                        "manifest": str(output / "manifest.json"), "errors_file": str(output / ERRORS)})
+    accelerator.wait_for_everyone()
+
+
+def _embed_own(run, accelerator, image_items, text_items, shard_size, summary, model_spec, source) -> None:
+    """eclip's own layout (eclip.embedstore): image shards and text shards."""
+    output, rank, world = run.output, accelerator.process_index, accelerator.num_processes
+    identity, dtype = run.identity, run.dtype
     plans = {}
     if image_items:
         plans["images"] = plan_shards("images", image_items, shard_size, world, identity, dtype, _image_fingerprint)
     if text_items:
         plans["texts"] = plan_shards("texts", text_items, shard_size, world, identity, dtype, _text_fingerprint)
-    summary = {"output": str(output), "rank": rank, "world_size": world, "written": 0, "reused": 0,
-               "seconds": {"load": loaded - started}}
-    run = _Run(model, output, identity, dtype, spec.precision, batch_size,
-               default_workers() if workers is None else workers, accelerator.is_main_process)
     for kind, items in (("images", image_items), ("texts", text_items)):
         if kind not in plans:
             continue
@@ -214,15 +266,13 @@ def _embed(spec, output, accelerator, started, image_items, text_items, source, 
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        manifest = finalize(output, plans, identity, dim=model.config.clip_config["embed_dim"], dtype=dtype,
-                            model_spec=_recorded_spec(spec), source=source)
+        manifest = finalize(output, plans, identity, dim=run.model.config.clip_config["embed_dim"], dtype=dtype,
+                            model_spec=model_spec, source=source)
         summary.update({"images": (manifest["images"] or {}).get("count", 0),
                         "errors": (manifest["images"] or {}).get("errors", 0),
                         "texts": (manifest["texts"] or {}).get("count", 0),
                         "manifest": str(output / "manifest.json"), "errors_file": str(output / ERRORS)})
     accelerator.wait_for_everyone()
-    summary["seconds"]["total"] = time.perf_counter() - started
-    return summary
 
 
 def _accelerator(device):
@@ -268,7 +318,10 @@ class _Run:
                 out.append((list(range(b, min(b + self.batch_size, s.stop))), s, b == starts[-1]))
         return out
 
-    def images(self, items, shards) -> int:
+    def images(self, items, shards, sink=None) -> int:
+        """Embed items[s.start:s.stop] of each shard; at a shard's end call sink(shard, vectors, rows,
+        errors) (default: write an eclip shard). rows: {"id", "path", "sha256"} of the readable images,
+        vectors: float32 numpy [len(rows), dim], L2-normalised; errors: {"id", "image", "reason"}."""
         import torch
         from torch.utils.data import DataLoader
         plan = self._batches(shards)
@@ -293,33 +346,42 @@ class _Run:
                 advance(len(indices))
                 if last:
                     done += len(rows)
-                    self._write(shard, vectors, rows, errors)
+                    (sink or self._write)(shard, self._array(vectors), rows, errors)
                     vectors, rows, errors = [], [], []
         return done
 
-    def texts(self, items, shards) -> int:
-        import torch
-        device = self.model.device
+    def texts(self, items, shards, sink=None) -> int:
+        """Like images(): rows are the items' {"id", "text", "entities", "image"}; no errors."""
         plan = self._batches(shards)
         done, vectors, rows = 0, [], []
         with self._progress("texts", sum(len(p[0]) for p in plan)) as advance:
             for indices, shard, last in plan:
-                tokens = self.model.tokenize([items[i]["text"] for i in indices]).to(device)
-                with torch.inference_mode(), autocast(device, self.precision):
-                    v = self.model.encode_texts(tokens)
-                vectors.append(torch.nn.functional.normalize(v.float(), dim=-1).cpu())
+                vectors.append(self.encode_texts([items[i]["text"] for i in indices]))
                 rows += [{k: items[i][k] for k in COLUMNS["texts"]} for i in indices]
                 advance(len(indices))
                 if last:
                     done += len(rows)
-                    self._write(shard, vectors, rows, [])
+                    (sink or self._write)(shard, self._array(vectors), rows, [])
                     vectors, rows = [], []
         return done
 
-    def _write(self, shard, vectors, rows, errors):
+    def encode_texts(self, texts: list):
+        """L2-normalised float32 tensor [len(texts), dim] on the CPU, in batches."""
         import torch
-        dim = self.model.config.clip_config["embed_dim"]
-        array = torch.cat(vectors).numpy() if vectors else torch.zeros(0, dim).numpy()
+        device, out = self.model.device, []
+        for start in range(0, len(texts), self.batch_size):
+            tokens = self.model.tokenize(texts[start:start + self.batch_size]).to(device)
+            with torch.inference_mode(), autocast(device, self.precision):
+                v = self.model.encode_texts(tokens)
+            out.append(torch.nn.functional.normalize(v.float(), dim=-1).cpu())
+        return torch.cat(out) if out else torch.zeros(0, self.model.config.clip_config["embed_dim"])
+
+    def _array(self, vectors):
+        import torch
+        return torch.cat(vectors).numpy() if vectors else \
+            torch.zeros(0, self.model.config.clip_config["embed_dim"]).numpy()
+
+    def _write(self, shard, array, rows, errors):
         write_shard(self.output, shard, array, rows, errors, self.identity, self.dtype)
 
     def _progress(self, what, total):

