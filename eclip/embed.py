@@ -22,6 +22,7 @@ from eclip.embedstore import COLUMNS, DTYPES, ERRORS, check_identity, finalize, 
     leftover_temp_files, our_files, plan_shards, stored_identity, write_shard
 from eclip.errors import EclipError
 from eclip.lock import lock_folder
+from eclip.model.text_limit import count_long
 from eclip.match import IMAGE_EXTENSIONS, autocast, load_inference_model
 
 DEFAULT_SHARD_SIZE = 4096
@@ -168,13 +169,16 @@ def embed(spec, output, *, images=None, texts=None, dataset=None, data_root=None
     if layout == clip_retrieval.LAYOUT:   # before the model: the inputs must make rows of pairs
         pairs = clip_retrieval.samples(image_items, text_items, paired=bool(dataset))
 
+    truncated = count_long(item["text"] for item in text_items)   # cut to MAX_TEXT_CHARS when tokenized
     started = time.perf_counter()
     accelerator = _accelerator(spec.device)
     # one writer per folder: the main process holds its lock for the whole run
     lock = lock_folder(output) if accelerator.is_main_process else None
     try:
-        return _embed(spec, output, accelerator, started, image_items, text_items, pairs, source, dtype,
-                      shard_size, batch_size, workers, overwrite)
+        summary = _embed(spec, output, accelerator, started, image_items, text_items, pairs, source, dtype,
+                         shard_size, batch_size, workers, overwrite)
+        summary["texts_truncated"] = truncated
+        return summary
     finally:
         if lock is not None:
             lock.release()

@@ -393,3 +393,29 @@ def test_manifest_entry_outside_the_gallery_is_refused(tmp_path, small_store, na
     (folder / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(EclipError, match="outside the embeddings folder"):
         open_store(folder)
+
+
+def test_a_huge_caption_is_cut_before_tokenizing_and_counted(tmp_path, checkpoint, monkeypatch):
+    """A 2 MB caption: the tokenizer never sees more than MAX_TEXT_CHARS characters of it, its vector is
+    that of its first few hundred characters (all the model reads), and embed says it was cut."""
+    import open_clip.tokenizer
+
+    from eclip.model.text_limit import MAX_TEXT_CHARS
+    words = "Angela Merkel visits the Brandenburg Gate in Berlin. "
+    huge = words * (2_000_000 // len(words))
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text("".join(json.dumps({"id": i, "text": t}) + "\n"
+                             for i, t in enumerate([huge, "a cat", huge[:1000], huge[:MAX_TEXT_CHARS + 1]])))
+    seen = []
+    real_call = open_clip.tokenizer.SimpleTokenizer.__call__
+    monkeypatch.setattr(open_clip.tokenizer.SimpleTokenizer, "__call__",
+                        lambda self, t, *a, **kw: seen.extend([t] if isinstance(t, str) else t)
+                        or real_call(self, t, *a, **kw))
+    out = tmp_path / "out"
+    result = run("embed", "--checkpoint", checkpoint[0], "--texts", texts, "--output", out, "--dtype", "fp32",
+                 "--json")
+    assert json.loads(result.stdout)["texts_truncated"] == 2
+    assert seen and max(len(t) for t in seen) <= MAX_TEXT_CHARS
+    vectors = open_store(out).vectors("texts")
+    np.testing.assert_allclose(vectors[0], vectors[2], atol=1e-6)   # the first 77 tokens are the same
+    np.testing.assert_allclose(vectors[3], vectors[2], atol=1e-6)

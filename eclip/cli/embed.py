@@ -96,3 +96,7 @@ def embed(
             return
         note(f"{summary['images']} images{errors}, {summary['texts']} texts -> {summary['output']} "
              f"({summary['written']} shards written, {summary['reused']} reused)")
+        if summary.get("texts_truncated"):
+            from eclip.model.text_limit import MAX_TEXT_CHARS
+            note(f"{summary['texts_truncated']} captions longer than {MAX_TEXT_CHARS:,} characters were cut to that "
+                 f"length before tokenizing (the model reads only their first tokens)")

@@ -19,6 +19,7 @@ from eclip.config import (DEFAULT_MODEL, DEFAULT_PRETRAINED, EntityCLIPConfig, E
 from eclip.errors import EclipError
 from eclip.model.hf_text import is_hf_text, resolve_names
 from eclip.model.hub import cached_hub_file, hub_file_available, hub_offline_if_cached, hub_reachable
+from eclip.model.text_limit import CappedTokenizer
 
 
 def resolve_device(device: str | None) -> str:
@@ -210,7 +211,7 @@ def build(name, clip_cfg, tokenizer_name, experts, loss, pretrained=None, tag_cf
         with hub_offline_if_cached(cached or name.startswith("local-dir:")), quiet_transformers():
             clip = open_clip.create_model(name, pretrained=pretrained, device=device, force_quick_gelu=quick_gelu,
                                           force_preprocess_cfg=pp or None, pretrained_text=text_weights)
-            tokenizer = open_clip.get_tokenizer(tokenizer_name)
+            tokenizer = CappedTokenizer(open_clip.get_tokenizer(tokenizer_name))   # no 50 MB caption reaches it
     except (RuntimeError, ValueError, KeyError, OSError) as e:
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise EclipError(f"could not build {name} with weights {pretrained}: {first}") from None
