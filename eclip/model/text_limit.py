@@ -26,13 +26,13 @@ class CappedTokenizer:
     text to MAX_TEXT_CHARS; its other attributes are the wrapped tokenizer's."""
 
     def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
+        self._wrapped = tokenizer
 
     def __call__(self, texts, *args, **kwargs):
         texts = cap_text(texts) if isinstance(texts, str) else [cap_text(t) for t in texts]
-        return self.tokenizer(texts, *args, **kwargs)
+        return self._wrapped(texts, *args, **kwargs)
 
-    def __getattr__(self, name):
-        if name == "tokenizer":   # not set yet (unpickling): no recursion
+    def __getattr__(self, name):   # e.g. .tokenizer of open_clip's HFTokenizer, .context_length
+        if name == "_wrapped":      # not set yet (while unpickling): no recursion
             raise AttributeError(name)
-        return getattr(self.tokenizer, name)
+        return getattr(self._wrapped, name)
