@@ -3,12 +3,16 @@
 Header metadata (all strings): format="eclip", eclip_version, config=<EntityCLIPConfig as JSON>,
 for a Hugging Face text tower hf_text_files=<{file name: text}> (its config.json and tokenizer),
 plus anything the caller adds (e.g. training step). Nothing is ever unpickled.
+
+This module reads and writes the file format only; rebuilding a model from a checkpoint is the
+model factory's job (eclip.model.factory.load_checkpoint). Reading a header imports neither
+torch nor safetensors: the format is an 8-byte length and a JSON header.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import os
+import struct
 from pathlib import Path
 
 from eclip import __version__
@@ -16,6 +20,7 @@ from eclip.atomic import atomic_path
 from eclip.errors import EclipError
 
 FORMAT = "eclip"
+MAX_HEADER = 100 << 20   # safetensors' own limit on the JSON header
 
 
 def sha256_file(path) -> str:
@@ -41,30 +46,55 @@ def save_checkpoint(model, path, extra: dict | None = None) -> Path:
     return path
 
 
+def missing_checkpoint(path: Path) -> EclipError:
+    """The error for a --checkpoint that is not a file: a folder (a run folder, say) is named as
+    one, with the checkpoint inside it when there is one."""
+    if path.is_dir():
+        inside = next((path / n for n in ("best.safetensors", "last.safetensors") if (path / n).is_file()), None)
+        hint = f"; did you mean {inside}?" if inside else " (no best.safetensors inside)"
+        return EclipError(f"{path}: is a folder, not a checkpoint file{hint}")
+    return EclipError(f"{path}: no such checkpoint file")
+
+
+def read_safetensors_header(path) -> dict:
+    """The JSON header of a .safetensors file (tensor entries and "__metadata__"), checked against
+    the file's size so a truncated file is refused; ValueError otherwise."""
+    with open(path, "rb") as f:
+        size = f.seek(0, 2)
+        f.seek(0)
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise ValueError("file too short")
+        n = struct.unpack("<Q", prefix)[0]
+        if n > min(MAX_HEADER, size - 8):
+            raise ValueError("header length out of range")
+        header = json.loads(f.read(n))
+    if not isinstance(header, dict):
+        raise ValueError("header is not a JSON object")
+    ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+    if max(ends, default=0) > size - 8 - n:
+        raise ValueError(f"truncated: tensors end at byte {max(ends) + 8 + n}, file has {size}")
+    return header
+
+
 def read_header(path) -> dict:
     """The checkpoint's metadata, validated; EclipError naming the file otherwise."""
-    from safetensors import safe_open
     path = Path(path)
     if not path.is_file():
-        raise EclipError(f"{path}: no such checkpoint file")
+        raise missing_checkpoint(path)
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-    except Exception as e:  # safetensors raises its own error types for truncated / garbage files
-        raise EclipError(f"{path}: not a readable .safetensors file ({str(e).splitlines()[0][:120]})")
+        meta = read_safetensors_header(path).get("__metadata__") or {}
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+        raise EclipError(f"{path}: not a readable .safetensors file ({str(e).splitlines()[0][:120]})") from None
     if meta.get("format") != FORMAT or "config" not in meta:
         raise EclipError(f"{path}: not an eclip checkpoint (no eclip header); for plain open_clip weights "
                          f"use --pretrained FILE")
     return meta
 
 
-def load_checkpoint(path, device: str = "cpu"):
-    """Rebuild the model from the header alone and load the weights (strict)."""
-    from safetensors.torch import load_model
-
+def read_config(path):
+    """-> (header metadata, EntityCLIPConfig): everything that rebuilds the model, type-checked."""
     from eclip.config import EntityCLIPConfig, config_problem
-    from eclip.model.factory import build, register_config
-    from eclip.model.hf_text import HEADER_KEY, is_hf_text, rebuild_config
     meta = read_header(path)
     try:
         raw = json.loads(meta["config"])
@@ -73,26 +103,4 @@ def load_checkpoint(path, device: str = "cpu"):
     problem = config_problem(raw)
     if problem:
         raise EclipError(f"{path}: eclip header field {problem}")
-    config = EntityCLIPConfig.from_dict(raw)
-    clip_config = config.clip_config
-    if is_hf_text(clip_config):
-        clip_config = rebuild_config(clip_config, meta, path)
-    name = register_config(clip_config)   # the header alone rebuilds it: no hub, no folder
-    hub_or_dir = config.tokenizer.startswith(("hf-hub:", "local-dir:")) and HEADER_KEY not in meta
-    tokenizer = config.tokenizer if hub_or_dir else name
-    try:
-        model = build(name, clip_config, tokenizer, config.experts, config.loss, device="cpu",
-                      preprocess_cfg=config.preprocess)
-    except Exception as e:   # types were plausible, but open_clip cannot build what the header describes
-        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-        raise EclipError(f"{path}: the eclip header's config does not build a model ({first})") from None
-    model.config = config
-    try:
-        load_model(model, str(path), strict=True)
-    except Exception as e:
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise EclipError(f"{path}: weights do not fit the model its header describes ({first})")
-    # the sha256 is computed by identity() when first asked: plain matching never needs it
-    model.source = {"model": config.clip_name, "pretrained": None, "checkpoint": os.path.abspath(str(path)),
-                    "checkpoint_sha256": None}
-    return model.to(device)
+    return meta, EntityCLIPConfig.from_dict(raw)

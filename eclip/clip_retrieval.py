@@ -147,7 +147,7 @@ def embed_partitions(run, folder: Path, samples_: list[dict], shards: list[Shard
         if "images" in kinds:
             vectors["images"] = image_vectors[[row_of[s["image"]] for s in keep]]
         if "texts" in kinds:
-            vectors["texts"] = run.encode_texts([s["text"] for s in keep]).numpy()
+            vectors["texts"] = run.encode_texts([s["text"] for s in keep])
         rows = []
         for s in keep:
             row = {"id": s["id"]}

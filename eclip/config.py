@@ -3,11 +3,21 @@ so a checkpoint alone rebuilds its model. No torch import here."""
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Optional
 
 DEFAULT_MODEL = "ViT-B-32"
 DEFAULT_PRETRAINED = "openai"
+
+
+def eclip_cache_dir() -> Path:
+    """$ECLIP_CACHE, else ~/.cache/eclip (or $XDG_CACHE_HOME/eclip): the LLM copy, ONNX exports."""
+    if os.environ.get("ECLIP_CACHE"):
+        return Path(os.environ["ECLIP_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "eclip"
 
 
 @dataclass

@@ -1,8 +1,9 @@
 """`eclip embed`: images and captions to L2-normalised vectors in a resumable sharded folder
 (layout: eclip.embedstore).
 
-Throughput: DataLoader workers decode and preprocess images while the model runs; the device
-comes from accelerate (Accelerator().device) and --precision is autocast. Under `torchrun` /
+Throughput: DataLoader workers decode and preprocess images while the model runs, on ONNX Runtime
+(fp32 on the CPU) or torch (eclip.model.inference.load_encoder); the device comes from accelerate
+(Accelerator().device) and --precision is autocast. Under `torchrun` /
 `accelerate launch` shard k goes to process k % world_size, so every input is embedded exactly
 once; process 0 writes the whole tables and the manifest after a barrier.
 """
@@ -16,14 +17,12 @@ from dataclasses import asdict
 from pathlib import Path
 
 from eclip import clip_retrieval
-from eclip.checkpoint import sha256_file
-from eclip.data.dataset import ImageDataset, collate_images
 from eclip.embedstore import COLUMNS, DTYPES, ERRORS, check_identity, finalize, finished_files, \
     leftover_temp_files, our_files, plan_shards, stored_identity, write_shard
-from eclip.errors import EclipError
+from eclip.errors import EclipError, json_problem
 from eclip.lock import lock_folder
 from eclip.model.text_limit import count_long
-from eclip.match import IMAGE_EXTENSIONS, autocast, load_inference_model
+from eclip.match import IMAGE_EXTENSIONS
 
 DEFAULT_SHARD_SIZE = 4096
 DEFAULT_BATCH_SIZE = 64
@@ -89,8 +88,8 @@ def text_inputs(arg) -> list[dict]:
             continue
         try:
             d = json.loads(line)
-        except ValueError as e:
-            raise EclipError(f"{path} line {number}: invalid JSON ({e})") from None
+        except json.JSONDecodeError as e:
+            raise EclipError(f"{path} line {number}: invalid JSON ({json_problem(e)})") from None
         text = d.get("text", d.get("caption")) if isinstance(d, dict) else None
         if not isinstance(text, str):
             raise EclipError(f"{path} line {number}: needs a \"text\" (or \"caption\") string")
@@ -134,7 +133,8 @@ def _text_fingerprint(item: dict) -> str:
 
 def embed(spec, output, *, images=None, texts=None, dataset=None, data_root=None, split: str = "test",
           dtype: str = "fp16", shard_size: int = DEFAULT_SHARD_SIZE, batch_size: int = DEFAULT_BATCH_SIZE,
-          workers: int | None = None, overwrite: bool = False, layout: str = "eclip") -> dict:
+          workers: int | None = None, overwrite: bool = False, layout: str = "eclip",
+          engine: str | None = None) -> dict:
     """Embed images and/or captions into OUTPUT, in eclip's own layout (eclip.embedstore) or
     clip-retrieval's (eclip.clip_retrieval). Re-running resumes.
 
@@ -176,7 +176,7 @@ def embed(spec, output, *, images=None, texts=None, dataset=None, data_root=None
     lock = lock_folder(output) if accelerator.is_main_process else None
     try:
         summary = _embed(spec, output, accelerator, started, image_items, text_items, pairs, source, dtype,
-                         shard_size, batch_size, workers, overwrite)
+                         shard_size, batch_size, workers, overwrite, engine)
         summary["texts_truncated"] = truncated
         return summary
     finally:
@@ -185,7 +185,7 @@ def embed(spec, output, *, images=None, texts=None, dataset=None, data_root=None
 
 
 def _embed(spec, output, accelerator, started, image_items, text_items, pairs, source, dtype, shard_size,
-           batch_size, workers, overwrite) -> dict:
+           batch_size, workers, overwrite, engine=None) -> dict:
     layout = "eclip" if pairs is None else clip_retrieval.LAYOUT
     there = clip_retrieval.layout_of(output) if output.is_dir() else None
     if there not in (None, layout) and not overwrite:
@@ -193,7 +193,8 @@ def _embed(spec, output, accelerator, started, image_items, text_items, pairs, s
                          f"folder, or --overwrite to replace them")
     rank, world = accelerator.process_index, accelerator.num_processes
     device = spec.device if (spec.device and world == 1) else str(accelerator.device)
-    model = load_inference_model(_with_device(spec, device))
+    from eclip.model.inference import load_encoder
+    model = load_encoder(_with_device(spec, device), engine, throughput=True)   # ONNX Runtime or torch
     identity = model.identity()
     loaded = time.perf_counter()
 
@@ -210,7 +211,7 @@ def _embed(spec, output, accelerator, started, image_items, text_items, pairs, s
     accelerator.wait_for_everyone()
     summary = {"output": str(output), "layout": layout, "rank": rank, "world_size": world, "written": 0,
                "reused": 0, "seconds": {"load": loaded - started}}
-    run = _Run(model, output, identity, dtype, spec.precision, batch_size,
+    run = _Run(model, output, identity, dtype, batch_size,
                default_workers() if workers is None else workers, accelerator.is_main_process)
     if pairs is not None:
         _embed_pairs(run, accelerator, pairs, shard_size, summary, model_spec=_recorded_spec(spec), source=source)
@@ -237,7 +238,7 @@ def _embed_pairs(run, accelerator, pairs, shard_size, summary, model_spec, sourc
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         manifest = clip_retrieval.finalize(output, shards, digits, kinds, run.identity,
-                                           dim=run.model.config.clip_config["embed_dim"], dtype=run.dtype,
+                                           dim=run.model.dim, dtype=run.dtype,
                                            model_spec=model_spec, source=source)
         summary.update({"images": manifest["count"] if "images" in kinds else 0, "errors": manifest["errors"],
                         "texts": manifest["count"] if "texts" in kinds else 0,
@@ -270,7 +271,7 @@ def _embed_own(run, accelerator, image_items, text_items, shard_size, summary, m
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        manifest = finalize(output, plans, identity, dim=run.model.config.clip_config["embed_dim"], dtype=dtype,
+        manifest = finalize(output, plans, identity, dim=run.model.dim, dtype=dtype,
                             model_spec=model_spec, source=source)
         summary.update({"images": (manifest["images"] or {}).get("count", 0),
                         "errors": (manifest["images"] or {}).get("errors", 0),
@@ -306,11 +307,12 @@ def _recorded_spec(spec) -> dict:
 
 
 class _Run:
-    """Embeds the shards one process owns, writing each as soon as its last batch is done."""
+    """Embeds the shards one process owns, writing each as soon as its last batch is done.
+    `model`: an encoder (eclip.model.inference), ONNX Runtime or torch."""
 
-    def __init__(self, model, output, identity, dtype, precision, batch_size, workers, show_progress):
+    def __init__(self, model, output, identity, dtype, batch_size, workers, show_progress):
         self.model, self.output, self.identity = model, Path(output), identity
-        self.dtype, self.precision, self.batch_size, self.workers = dtype, precision, batch_size, workers
+        self.dtype, self.batch_size, self.workers = dtype, batch_size, workers
         self.show_progress = show_progress
 
     def _batches(self, shards):
@@ -326,23 +328,21 @@ class _Run:
         """Embed items[s.start:s.stop] of each shard; at a shard's end call sink(shard, vectors, rows,
         errors) (default: write an eclip shard). rows: {"id", "path", "sha256"} of the readable images,
         vectors: float32 numpy [len(rows), dim], L2-normalised; errors: {"id", "image", "reason"}."""
-        import torch
         from torch.utils.data import DataLoader
+
+        from eclip.data.dataset import HashedImages, collate_hashed
         plan = self._batches(shards)
         if not plan:
             return 0
-        device = self.model.device
         loader = DataLoader(HashedImages([it["path"] for it in items], self.model.preprocess),
                             batch_sampler=[p[0] for p in plan], num_workers=self.workers,
-                            collate_fn=collate_hashed, pin_memory=device.type == "cuda",
+                            collate_fn=collate_hashed, pin_memory=self.model.device.startswith("cuda"),
                             prefetch_factor=4 if self.workers else None)
         done, vectors, rows, errors = 0, [], [], []
         with self._progress("images", sum(len(p[0]) for p in plan)) as advance:
             for batch, (indices, shard, last) in zip(loader, plan):
                 if batch["indices"].numel():
-                    with torch.inference_mode(), autocast(device, self.precision):
-                        v = self.model.encode_images(batch["images"].to(device, non_blocking=True))
-                    vectors.append(torch.nn.functional.normalize(v.float(), dim=-1).cpu())
+                    vectors.append(self.model.encode_images(batch["images"]))
                     for i, sha in zip(batch["indices"].tolist(), batch["sha256"]):
                         rows.append({"id": items[i]["id"], "path": items[i]["path"], "sha256": sha})
                 errors += [{"id": items[i]["id"], "image": items[i]["path"], "reason": reason}
@@ -370,20 +370,13 @@ class _Run:
         return done
 
     def encode_texts(self, texts: list):
-        """L2-normalised float32 tensor [len(texts), dim] on the CPU, in batches."""
-        import torch
-        device, out = self.model.device, []
-        for start in range(0, len(texts), self.batch_size):
-            tokens = self.model.tokenize(texts[start:start + self.batch_size]).to(device)
-            with torch.inference_mode(), autocast(device, self.precision):
-                v = self.model.encode_texts(tokens)
-            out.append(torch.nn.functional.normalize(v.float(), dim=-1).cpu())
-        return torch.cat(out) if out else torch.zeros(0, self.model.config.clip_config["embed_dim"])
+        """L2-normalised float32 numpy [len(texts), dim], in batches."""
+        return self._array([self.model.encode_texts(texts[start:start + self.batch_size])
+                            for start in range(0, len(texts), self.batch_size)])
 
     def _array(self, vectors):
-        import torch
-        return torch.cat(vectors).numpy() if vectors else \
-            torch.zeros(0, self.model.config.clip_config["embed_dim"]).numpy()
+        import numpy as np
+        return np.concatenate(vectors) if vectors else np.zeros((0, self.model.dim), np.float32)
 
     def _write(self, shard, array, rows, errors):
         write_shard(self.output, shard, array, rows, errors, self.identity, self.dtype)
@@ -402,24 +395,3 @@ class _Run:
                 task = p.add_task(what, total=total)
                 yield lambda n: p.advance(task, n)
         return bar()
-
-
-# ---- worker side (top level: picklable under fork and spawn) -------------------------------
-
-class HashedImages(ImageDataset):
-    """ImageDataset whose good items also carry the sha256 of the file's bytes (images.parquet)."""
-
-    def __getitem__(self, i: int) -> dict:
-        item = super().__getitem__(i)
-        if "error" not in item:
-            try:
-                item["sha256"] = sha256_file(self.paths[i])
-            except OSError as e:   # vanished between decoding and hashing
-                item = {"index": i, "error": f"unreadable ({type(e).__name__})"}
-        return item
-
-
-def collate_hashed(batch: list[dict]) -> dict:
-    out = collate_images(batch)
-    out["sha256"] = [b["sha256"] for b in batch if "error" not in b]
-    return out

@@ -445,7 +445,7 @@ def check_spec(store: EmbeddingStore, spec) -> None:
         given = {"checkpoint_sha256": sha256_file(spec.checkpoint)}
         same = given["checkpoint_sha256"] == store.identity.get("checkpoint_sha256")
     else:
-        from eclip.model.factory import model_source
+        from eclip.model.source import model_source
         given = model_source(spec)
         mine, theirs = _comparable_pair(given, store.identity)
         same = all(mine[k] == theirs[k] for k in ("model", "pretrained", "checkpoint_sha256", "seed"))

@@ -8,7 +8,6 @@ Three ways in, one model load per process:
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import queue
 import threading
@@ -16,7 +15,7 @@ from collections import OrderedDict
 from dataclasses import replace
 from pathlib import Path
 
-from eclip.errors import EclipError
+from eclip.errors import EclipError, json_problem
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp",
                     ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".ico", ".jp2", ".avif", ".heic"}
@@ -33,104 +32,98 @@ def looks_like_image_path(arg: str) -> bool:
     return Path(arg).suffix.lower() in IMAGE_EXTENSIONS and " " not in arg
 
 
-def load_inference_model(spec):
-    """The model for embedding and matching: CLIP towers only, fp32 weights (precision is autocast).
-
-    Experts and the matching head exist only for training; they are not built unless the
-    weights come from an eclip checkpoint (whose header describes them).
-    """
-    from eclip.config import ExpertConfig
-    from eclip.model.factory import load_model
-    model = load_model(replace(spec, precision="fp32"), experts=ExpertConfig(enabled=False))
-    return model.eval()
-
-
-def autocast(device, precision: str):
-    import torch
-    if precision in (None, "fp32"):
-        return contextlib.nullcontext()
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]
-    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
-
-
 class Matcher:
-    """A loaded model plus what matching needs: preprocessing, batching, a caption cache."""
+    """An encoder (eclip.model.inference: ONNX or torch) plus what matching needs: image
+    preparation, batching, a caption cache. Features and scores are float32 numpy arrays."""
 
-    def __init__(self, model, precision: str = "fp32"):
-        self.model = model
-        self.precision = precision
-        self.device = model.device
+    def __init__(self, encoder, precision: str = "fp32"):
+        if hasattr(encoder, "clip"):   # an EntityCLIP model (library use, tests): run it on torch
+            from eclip.model.inference import TorchEncoder
+            encoder = TorchEncoder(encoder.eval(), precision)
+        self.encoder = encoder
+        self.device = encoder.device
+        self.precision = getattr(encoder, "precision", "fp32")
         self._texts: OrderedDict[str, object] = OrderedDict()
 
     @classmethod
-    def from_spec(cls, spec) -> "Matcher":
-        return cls(load_inference_model(spec), spec.precision)
+    def from_spec(cls, spec, engine: str | None = None) -> "Matcher":
+        from eclip.model.inference import load_encoder
+        return cls(load_encoder(spec, engine))
 
     @property
     def logit_scale(self) -> float:
-        return float(self.model.logit_scale.detach())
+        return self.encoder.logit_scale
+
+    @property
+    def model(self):
+        """The encoder (kept under its old name: it has identity(), name, engine, device)."""
+        return self.encoder
+
+    def identity(self) -> dict:
+        return self.encoder.identity()
 
     def pixels(self, path):
-        """Image file -> preprocessed tensor [3,H,W]; ImageError (one line, exit 2) when unusable."""
+        """Image file -> prepared pixels [3,H,W]; ImageError (one line, exit 2) when unusable."""
         from eclip.data.images import load_image
-        return self.model.preprocess(load_image(path))
+        return self.encoder.preprocess(load_image(path))
 
     def preprocess_stages(self):
-        """(image stage, tensor stage) of the model's transform, split before ToTensor: the first
-        (decode-side resizing and cropping on PIL images) is safe on a helper thread; the second
-        runs torch ops, which belong on the main thread (torch ops on a second thread start a
-        second OpenMP team, and the forward pass then ran ~30% slower, bench/bench_match.py)."""
-        from torchvision.transforms import Compose, ToTensor
-        transform = self.model.preprocess
-        steps = list(getattr(transform, "transforms", []))
-        cut = next((i for i, step in enumerate(steps) if isinstance(step, ToTensor)), None)
-        if cut is None:
-            return (lambda image: image), transform
-        return Compose(steps[:cut]), Compose(steps[cut:])
+        """(image stage, array stage): the first (decoding-side PIL work; for ONNX all of it) runs on
+        the reader thread of `match_stream`, the second on the main thread."""
+        return self.encoder.image_stages()
 
     def encode_pixels(self, pixels: list):
-        """[3,H,W] tensors -> float32 L2-normalised features [N, D] on the CPU."""
-        import torch
-        import torch.nn.functional as F
-        if not pixels:
-            return torch.zeros(0, self.model.config.clip_config["embed_dim"])
-        with torch.inference_mode(), autocast(self.device, self.precision):
-            v = self.model.encode_images(torch.stack(pixels).to(self.device))
-        return F.normalize(v.float(), dim=-1).cpu()
+        """Prepared pixels [3,H,W] -> float32 L2-normalised features [N, D] (numpy)."""
+        return self.encoder.encode_images(list(pixels))
 
     def encode_texts(self, texts: list[str], batch_size: int = 256):
-        """Captions -> float32 L2-normalised features [N, D] on the CPU (cached by text)."""
-        import torch
-        import torch.nn.functional as F
+        """Captions -> float32 L2-normalised features [N, D] (numpy; cached by text)."""
+        import numpy as np
         missing = list(dict.fromkeys(t for t in texts if t not in self._texts))
         for start in range(0, len(missing), batch_size):
             chunk = missing[start:start + batch_size]
-            with torch.inference_mode(), autocast(self.device, self.precision):
-                v = self.model.encode_texts(self.model.tokenize(chunk).to(self.device))
-            for text, row in zip(chunk, F.normalize(v.float(), dim=-1).cpu()):
+            for text, row in zip(chunk, self.encoder.encode_texts(chunk)):
                 self._texts[text] = row
         for text in texts:
             self._texts.move_to_end(text)
-        out = torch.stack([self._texts[t] for t in texts]) if texts else torch.zeros(0, 0)
+        out = np.stack([self._texts[t] for t in texts]) if texts else np.zeros((0, self.encoder.dim), np.float32)
         while len(self._texts) > max(TEXT_CACHE, len(texts)):
             self._texts.popitem(last=False)
         return out
 
     def scores(self, image_features, text_features):
-        """-> (cosine [Ni, Nt], softmax over the captions at the logit scale [Ni, Nt])."""
-        cos = image_features @ text_features.T
-        return cos, (self.logit_scale * cos).softmax(dim=-1)
+        """-> (cosine [Ni, Nt], softmax over the captions at the logit scale [Ni, Nt]), numpy."""
+        import numpy as np
+        cos = np.asarray(image_features, np.float32) @ np.asarray(text_features, np.float32).T
+        logits = self.logit_scale * cos
+        e = np.exp(logits - logits.max(axis=-1, keepdims=True)) if cos.size else logits
+        return cos, e / e.sum(axis=-1, keepdims=True) if cos.size else e
 
 
 # ---- images x captions -------------------------------------------------------------------
 
-def match_pairs(matcher: Matcher, images: list, texts: list[str]) -> dict:
-    """Every image against every caption. Matches are listed best first."""
+def open_images(images: list) -> list:
+    """Decode every image before a model loads: a missing file, a folder or a file that is not
+    an image is reported at once (ImageError: one line, exit 2)."""
+    from eclip.data.images import load_image
+    for p in images:
+        if Path(p).is_dir():
+            raise EclipError(f"{p}: is a folder, not an image file")
+        if not Path(p).exists():
+            raise EclipError(f"{p}: no such image file")
+    return [load_image(p) for p in images]
+
+
+def match_pairs(matcher: Matcher, images: list, texts: list[str], decoded: list | None = None) -> dict:
+    """Every image against every caption. Matches are listed best first. `decoded`: the images
+    already opened by `open_images`."""
     if not images:
         raise EclipError("match: no image given (eclip match IMAGE CAPTION..., or --image IMAGE)")
     if not texts:
         raise EclipError("match: no caption given (eclip match IMAGE \"caption\" [\"caption\" ...])")
-    pixels = [matcher.pixels(p) for p in images]
+    if decoded is None:
+        decoded = open_images(images)
+    pixels = [matcher.encoder.preprocess(image) for image in decoded]
     cos, prob = matcher.scores(matcher.encode_pixels(pixels), matcher.encode_texts(texts))
     results, best = [], None
     for i, image in enumerate(images):
@@ -148,8 +141,8 @@ def parse_line(line: str) -> dict:
     """One input line -> {"id", "image", "texts", "single"}; EclipError with the reason otherwise."""
     try:
         d = json.loads(line)
-    except ValueError as e:
-        raise EclipError(f"invalid JSON ({e})")
+    except json.JSONDecodeError as e:
+        raise EclipError(f"invalid JSON ({json_problem(e)})") from None
     if not isinstance(d, dict):
         raise EclipError("expected a JSON object with \"image\" and \"text\" or \"texts\"")
     image = d.get("image")
@@ -294,17 +287,14 @@ def gallery_spec(store, spec):
                    checkpoint=recorded.get("checkpoint"), seed=store.identity.get("seed"))
 
 
-def match_gallery(matcher: Matcher, store, queries: list[str], top_k: int = 5, method: str = "auto") -> dict:
-    """Top-K gallery images for each caption query, top-K gallery captions for each image query."""
-    import hashlib
-
+def gallery_query_kinds(store, queries: list[str], top_k: int) -> list[str]:
+    """"image" or "text" per query, after checking what needs no model: queries given, top_k,
+    and that the gallery holds the vectors each kind searches (texts for an image query)."""
     from eclip.console import note
-    from eclip.gallery import search
     if not queries:
         raise EclipError("match --gallery: give one or more captions or image files to search for")
     if top_k < 1:
         raise EclipError(f"--top-k {top_k}: must be at least 1")
-    store.check_model(matcher.model.identity())
     kinds = []
     for q in queries:
         if is_image_path(q):
@@ -313,19 +303,33 @@ def match_gallery(matcher: Matcher, store, queries: list[str], top_k: int = 5, m
             if looks_like_image_path(q):
                 note(f"{q}: no such image file, searching for it as a caption")
             kinds.append("text")
+    for kind, target in (("text", "images"), ("image", "texts")):
+        if kind in kinds:
+            store.require(target)
+    return kinds
+
+
+def match_gallery(matcher: Matcher, store, queries: list[str], top_k: int = 5, method: str = "auto",
+                  kinds: list[str] | None = None) -> dict:
+    """Top-K gallery images for each caption query, top-K gallery captions for each image query.
+    `kinds`: gallery_query_kinds(store, queries, top_k), when the caller checked them already."""
+    import hashlib
+
+    from eclip.gallery import search
+    kinds = kinds or gallery_query_kinds(store, queries, top_k)
+    store.check_model(matcher.identity())
     results = [None] * len(queries)
     for kind, target in (("text", "images"), ("image", "texts")):
         idx = [i for i, k in enumerate(kinds) if k == kind]
         if not idx:
             continue
-        store.require(target)
         if kind == "text":
             feats = matcher.encode_texts([queries[i] for i in idx])
         else:
             feats = matcher.encode_pixels([matcher.pixels(queries[i]) for i in idx])
         shards = json.dumps(store.manifest[target]["shards"], sort_keys=True).encode()
         cache = store.path / f"{target}-{hashlib.sha256(shards).hexdigest()[:12]}.ivf.faiss"
-        scores, indices = search(feats.numpy(), store.vectors(target), top_k, method, index_path=cache)
+        scores, indices = search(feats, store.vectors(target), top_k, method, index_path=cache)
         for row, i in enumerate(idx):
             found = [j for j in indices[row].tolist() if j >= 0]   # IVF pads with -1 when lists run short
             meta = store.rows(target, found)

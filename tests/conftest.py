@@ -6,6 +6,12 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")      # tests never touch the network
 os.environ.setdefault("ECLIP_QUIET", "1")         # no progress bars in test logs
+if "ECLIP_CACHE" not in os.environ:               # ONNX exports of the test models: never in the user's cache
+    import atexit
+    import shutil
+    import tempfile
+    os.environ["ECLIP_CACHE"] = tempfile.mkdtemp(prefix="eclip-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["ECLIP_CACHE"], True)
 
 TINY = {
     "embed_dim": 64,

@@ -5,7 +5,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from eclip.checkpoint import load_checkpoint, read_header, save_checkpoint
+from eclip.checkpoint import read_header, save_checkpoint
+from eclip.model.factory import load_checkpoint
 from eclip.errors import EclipError
 
 

@@ -8,7 +8,9 @@ from safetensors.torch import save_file
 
 from conftest import TINY
 from eclip.errors import EclipError
-from eclip.model.factory import load_model, resolve_pretrained
+from eclip.config import ModelSpec
+from eclip.model.factory import load_model
+from eclip.model.source import resolve_source
 
 
 def _same_weights(a, b):
@@ -50,9 +52,9 @@ def test_hf_hub_schema_offline_not_cached_fails_fast(monkeypatch):
 
 
 def test_tag_found_in_local_hub_cache(monkeypatch, tmp_path):
-    """A tag whose weights sit in the Hugging Face cache resolves to that file without the network."""
-    import huggingface_hub.constants as c
-    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path))
+    """A tag whose weights sit in the Hugging Face cache resolves to that file without the network,
+    where huggingface_hub itself finds it."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     repo = tmp_path / "models--timm--vit_base_patch32_clip_224.openai"
     (repo / "refs").mkdir(parents=True)
@@ -60,8 +62,11 @@ def test_tag_found_in_local_hub_cache(monkeypatch, tmp_path):
     snap = repo / "snapshots" / "abc123"
     snap.mkdir(parents=True)
     (snap / "open_clip_model.safetensors").write_bytes(b"x")
-    path, cfg = resolve_pretrained("ViT-B-32", "openai")
-    assert path == str(snap / "open_clip_model.safetensors") and cfg["quick_gelu"] is True
+    source = resolve_source(ModelSpec(model="ViT-B-32", pretrained="openai"))
+    assert source.weights == str(snap / "open_clip_model.safetensors") and source.tag_cfg["quick_gelu"] is True
+    from huggingface_hub import try_to_load_from_cache
+    assert try_to_load_from_cache("timm/vit_base_patch32_clip_224.openai", "open_clip_model.safetensors",
+                                  cache_dir=str(tmp_path)) == source.weights
 
 
 @pytest.mark.parametrize("model,pretrained,match", [

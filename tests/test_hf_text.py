@@ -188,7 +188,8 @@ def test_cli_trains_embeds_matches_and_evaluates_with_minilm(tmp_path, monkeypat
 
     import numpy as np
 
-    from eclip.checkpoint import load_checkpoint, read_header
+    from eclip.checkpoint import read_header
+    from eclip.model.factory import load_checkpoint
     from eclip.embedstore import open_store
     from train_helpers import TINY32, build_flags
     monkeypatch.setenv("ECLIP_CACHE", str(tmp_path / "cache"))
@@ -235,7 +236,8 @@ def test_checkpoint_without_its_folder_names_it(tmp_path, mean_model):
     """A header without the tower's files (e.g. written elsewhere) needs the folder its config names."""
     from safetensors.torch import load_file, save_file
 
-    from eclip.checkpoint import load_checkpoint, read_header, save_checkpoint
+    from eclip.checkpoint import read_header, save_checkpoint
+    from eclip.model.factory import load_checkpoint
     from eclip.errors import EclipError
     path = save_checkpoint(mean_model, tmp_path / "full.safetensors")
     meta = read_header(path)

@@ -95,11 +95,11 @@ def test_bad_input_exits_2_with_one_line(tmp_path, checkpoint, real_images, args
 
 
 def test_stdin_pipeline_keeps_order_and_reports_bad_lines(tmp_path, checkpoint, real_images, monkeypatch):
-    import eclip.model.factory
+    import eclip.model.inference
     path, model = checkpoint
     loads = []
-    real_load = eclip.model.factory.load_model
-    monkeypatch.setattr(eclip.model.factory, "load_model", lambda *a, **kw: loads.append(1) or real_load(*a, **kw))
+    real_load = eclip.model.inference.load_encoder
+    monkeypatch.setattr(eclip.model.inference, "load_encoder", lambda *a, **kw: loads.append(1) or real_load(*a, **kw))
     truncated = tmp_path / "half.jpg"
     data = real_images["coffee"].read_bytes()
     truncated.write_bytes(data[: len(data) // 2])
@@ -213,7 +213,7 @@ def test_stream_preprocess_split_equals_the_model_transform(checkpoint, real_ima
     from eclip.data.images import load_image
     from eclip.match import Matcher
     model = checkpoint[1]
-    image_stage, tensor_stage = Matcher(model).preprocess_stages()
+    image_stage, tensor_stage = Matcher(model).preprocess_stages()     # the torch engine's split
     image = load_image(real_images["rocket"])
     assert torch.equal(tensor_stage(image_stage(image)), model.preprocess(image))
     assert image_stage(image).size == (64, 64)      # the reader thread hands over small images

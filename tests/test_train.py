@@ -118,7 +118,7 @@ def test_unreadable_images_are_skipped_counted_and_listed(tmp_path, flags):
     assert val[-1]["n_pairs"] == 11                 # the broken val pair is left out of the gallery
 
     # what a finished run leaves behind
-    from eclip.checkpoint import load_checkpoint
+    from eclip.model.factory import load_checkpoint
     assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     best = load_checkpoint(run / "best.safetensors")

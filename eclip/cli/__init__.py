@@ -9,12 +9,29 @@ import os
 import sys
 from typing import Optional
 
+import click
 import typer
+from typer.core import TyperGroup
 from typing_extensions import Annotated
 
 from eclip import __version__
 
+
+class Commands(TyperGroup):
+    """The subcommands; a mistyped one gets the nearest names ("did you mean 'match'?")."""
+
+    def resolve_command(self, ctx, args):
+        import difflib
+        name = click.utils.make_str(args[0]) if args else None
+        if name is not None and not name.startswith("-") and self.get_command(ctx, name) is None:
+            close = difflib.get_close_matches(name, self.list_commands(ctx), n=2, cutoff=0.5)
+            if close:
+                ctx.fail(f"No such command '{name}'; did you mean " + " or ".join(f"'{c}'" for c in close) + "?")
+        return super().resolve_command(ctx, args)
+
+
 app = typer.Typer(
+    cls=Commands,
     name="eclip",
     help="Entity-centric image-text matching with EntityCLIP: explain, train, embed, match, evaluate.",
     no_args_is_help=True,

@@ -9,8 +9,8 @@ import typer
 from typing_extensions import Annotated
 
 from eclip.cli import app
-from eclip.cli.options import (Checkpoint, DataRoot, Dataset, Device, Model, Precision, PrecisionOpt,
-                               Pretrained, Seed, Split, model_spec, user_errors)
+from eclip.cli.options import (Checkpoint, DataRoot, Dataset, Device, Engine, EngineOpt, Model, Precision,
+                               PrecisionOpt, Pretrained, Seed, Split, model_spec, user_errors)
 
 
 class Dtype(str, Enum):
@@ -73,6 +73,7 @@ def embed(
     device: Device = None,
     precision: PrecisionOpt = Precision.fp32,
     seed: Seed = None,
+    engine: EngineOpt = Engine.auto,
     json_: Annotated[bool, typer.Option(
         "--json", help="Print the summary as one JSON object on stdout (instead of one line on stderr).")] = False,
 ):
@@ -82,7 +83,7 @@ def embed(
         summary = run(model_spec(model, pretrained, checkpoint, device, precision, seed), output, images=images,
                       texts=texts, dataset=dataset, data_root=data_root, split=split, dtype=dtype.value,
                       shard_size=shard_size, batch_size=batch_size, workers=workers, overwrite=overwrite,
-                      layout=layout.value)
+                      layout=layout.value, engine=engine.value)
         if summary["rank"] != 0:
             return
         if json_:

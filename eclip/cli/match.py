@@ -10,8 +10,8 @@ import typer
 from typing_extensions import Annotated
 
 from eclip.cli import app
-from eclip.cli.options import (Checkpoint, Device, Json, Model, Precision, PrecisionOpt, Pretrained, Seed, model_spec,
-                               user_errors)
+from eclip.cli.options import (Checkpoint, Device, Engine, EngineOpt, Json, Model, Precision, PrecisionOpt,
+                               Pretrained, Seed, model_spec, user_errors)
 
 
 class Search(str, Enum):
@@ -67,30 +67,32 @@ def match(
     device: Device = None,
     precision: PrecisionOpt = Precision.fp32,
     seed: Seed = None,
+    engine: EngineOpt = Engine.auto,
 ):
     args = list(args or [])
     with user_errors():
         from eclip.errors import EclipError
         spec = model_spec(model, pretrained, checkpoint, device, precision, seed)
+        engine = engine.value
         if args == ["-"]:
             if image or gallery:
                 raise EclipError("match -: reads images and captions from stdin; drop --image / --gallery")
-            passed = _stream(spec, threshold)
+            passed = _stream(spec, engine, threshold)
         elif gallery is not None:
             if image:
                 raise EclipError("--gallery: give image queries as arguments, not with --image")
-            passed = _gallery(spec, gallery, args, top_k, search.value, threshold, json_)
+            passed = _gallery(spec, engine, gallery, args, top_k, search.value, threshold, json_)
         else:
             if "-" in args:
                 raise EclipError("match: '-' (read stdin) must be the only argument")
-            passed = _pairs(spec, list(image or []), args, threshold, json_)
+            passed = _pairs(spec, engine, list(image or []), args, threshold, json_)
     if threshold is not None:
         raise typer.Exit(0 if passed else 1)
 
 
-def _pairs(spec, images, args, threshold, json_):
+def _pairs(spec, engine, images, args, threshold, json_):
     from eclip.errors import EclipError
-    from eclip.match import Matcher, is_image_path, match_pairs
+    from eclip.match import Matcher, match_pairs, open_images
     if not images:
         if not args:
             raise EclipError("match: give an image and one or more captions (eclip match IMAGE \"caption\" ...)")
@@ -98,12 +100,13 @@ def _pairs(spec, images, args, threshold, json_):
         if not Path(first).exists():
             raise EclipError(f"{first}: no such image file (the first argument is the image, then captions; "
                              f"or use --image)")
-        if not is_image_path(first) and not Path(first).is_file():
-            raise EclipError(f"{first}: not an image file")
         images = [first]
     if not args:
         raise EclipError("match: give one or more captions after the image")
-    result = match_pairs(Matcher.from_spec(spec), images, args)
+    from eclip.model.source import resolve_source
+    resolve_source(spec)             # bad model options, then a missing, folder or non-image file:
+    decoded = open_images(images)    # exit 2 before any model loads
+    result = match_pairs(Matcher.from_spec(spec, engine), images, args, decoded=decoded)
     passed = _passed(result["best"]["score"], threshold)
     if json_:
         from eclip.console import print_json
@@ -119,11 +122,11 @@ def _pairs(spec, images, args, threshold, json_):
     return passed
 
 
-def _stream(spec, threshold):
+def _stream(spec, engine, threshold):
     import json
 
     from eclip.match import Matcher, match_stream
-    matcher = Matcher.from_spec(spec)
+    matcher = Matcher.from_spec(spec, engine)
 
     def emit(record):
         try:
@@ -141,12 +144,13 @@ def _stream(spec, threshold):
     return counts["below_threshold"] == 0
 
 
-def _gallery(spec, folder, queries, top_k, method, threshold, json_):
+def _gallery(spec, engine, folder, queries, top_k, method, threshold, json_):
     from eclip.embedstore import open_store
-    from eclip.match import Matcher, gallery_spec, match_gallery
+    from eclip.match import Matcher, gallery_query_kinds, gallery_spec, match_gallery
     store = open_store(folder)
-    matcher = Matcher.from_spec(gallery_spec(store, spec))
-    result = match_gallery(matcher, store, queries, top_k, method)
+    kinds = gallery_query_kinds(store, queries, top_k)   # checked before the model loads
+    matcher = Matcher.from_spec(gallery_spec(store, spec), engine)
+    result = match_gallery(matcher, store, queries, top_k, method, kinds=kinds)
     passed = _passed(result["best"]["score"] if result["best"] else float("-inf"), threshold)
     if json_:
         from eclip.console import print_json

@@ -22,6 +22,12 @@ class Precision(str, Enum):
     bf16 = "bf16"
 
 
+class Engine(str, Enum):
+    auto = "auto"
+    onnx = "onnx"
+    torch = "torch"
+
+
 MODEL_PANEL = "Model"
 DATA_PANEL = "Data"
 
@@ -44,6 +50,11 @@ PrecisionOpt = Annotated[Precision, typer.Option(
 Seed = Annotated[Optional[int], typer.Option(
     "--seed", rich_help_panel=MODEL_PANEL, show_default=False,
     help="Seed of random weights (--pretrained none); the same seed gives the same model. Default: 0.")]
+EngineOpt = Annotated[Engine, typer.Option(
+    "--engine", rich_help_panel=MODEL_PANEL, envvar="ECLIP_ENGINE",
+    help="What runs the model: onnx (ONNX Runtime on the CPU, starts in a second or two; the model is "
+         "exported to the eclip cache on first use), torch (GPU, fp16/bf16), or auto: onnx for fp32 on "
+         "the CPU with a weights file or checkpoint, torch otherwise.")]
 
 Dataset = Annotated[Optional[str], typer.Option(
     "--dataset", rich_help_panel=DATA_PANEL, show_default=False,

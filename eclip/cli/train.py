@@ -102,8 +102,8 @@ def train(
     with user_errors():
         from eclip.config import TrainConfig
         from eclip.errors import EclipError
-        from eclip.train import resume_config
-        from eclip.train import train as run_training
+        from eclip.train.inputs import check_inputs
+        from eclip.train.rundir import resume_config
 
         spec = model_spec(model, pretrained, checkpoint, device, precision)
         given = {
@@ -125,7 +125,9 @@ def train(
                 raise EclipError("--dataset is required for a new run (or --resume RUN_DIR)")
             output = output or default_output(dataset)
             config = TrainConfig(output=str(output), **{k: v for k, v in given.items() if v is not None})
-        summary = run_training(config, resume=resume is not None)
+        splits = check_inputs(config, resume=resume is not None)   # bad input: exit 2 before torch loads
+        from eclip.train import train as run_training
+        summary = run_training(config, resume=resume is not None, splits=splits)
         if os.environ.get("RANK", "0") == "0":    # under torchrun / accelerate launch: print once
             _print(summary, json_out)
 

@@ -73,7 +73,7 @@ def collate_images(batch: list[dict]) -> dict:
     good = [b for b in batch if "error" not in b]
     out = {
         "indices": torch.tensor([b["index"] for b in good], dtype=torch.long),
-        "images": torch.stack([b["image"] for b in good]) if good else torch.empty(0),
+        "images": torch.stack([torch.as_tensor(b["image"]) for b in good]) if good else torch.empty(0),
         "skipped": [(b["index"], b["error"]) for b in batch if "error" in b],
     }
     for key in ("caption_tokens", "explanation_tokens"):
@@ -126,3 +126,24 @@ class SkipLog:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class HashedImages(ImageDataset):
+    """ImageDataset whose good items also carry the sha256 of the file's bytes (eclip embed's
+    images.parquet)."""
+
+    def __getitem__(self, i: int) -> dict:
+        from eclip.checkpoint import sha256_file
+        item = super().__getitem__(i)
+        if "error" not in item:
+            try:
+                item["sha256"] = sha256_file(self.paths[i])
+            except OSError as e:   # vanished between decoding and hashing
+                item = {"index": i, "error": f"unreadable ({type(e).__name__})"}
+        return item
+
+
+def collate_hashed(batch: list[dict]) -> dict:
+    out = collate_images(batch)
+    out["sha256"] = [b["sha256"] for b in batch if "error" not in b]
+    return out

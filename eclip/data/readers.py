@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 from eclip.data.records import Record
-from eclip.errors import EclipError
+from eclip.errors import EclipError, json_problem
 
 BENCHMARKS = ("n24news", "visualnews", "goodnews")
 
@@ -197,7 +197,7 @@ def _jsonl_rows(path):
         try:
             row = json.loads(text)
         except json.JSONDecodeError as e:
-            raise EclipError(f"{path} line {line}: invalid JSON ({e.msg})") from None
+            raise EclipError(f"{path} line {line}: invalid JSON ({json_problem(e)})") from None
         if not isinstance(row, dict):
             raise EclipError(f"{path} line {line}: expected a JSON object")
         yield line, row
@@ -260,7 +260,7 @@ def _load_json(path: Path):
         with open(path, encoding="utf-8-sig") as f:
             return json.load(f)
     except json.JSONDecodeError as e:
-        raise EclipError(f"{path} line {e.lineno}: invalid JSON ({e.msg})") from None
+        raise EclipError(f"{path} line {e.lineno}: invalid JSON ({json_problem(e)})") from None
     except UnicodeDecodeError:
         raise EclipError(f"{path}: not UTF-8 text") from None
 

@@ -14,12 +14,13 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-from eclip.config import (DEFAULT_MODEL, DEFAULT_PRETRAINED, EntityCLIPConfig, ExpertConfig, LossConfig,
-                          ModelSpec)
+from eclip.config import EntityCLIPConfig, ExpertConfig, LossConfig, ModelSpec
 from eclip.errors import EclipError
 from eclip.model.hf_text import is_hf_text, resolve_names
-from eclip.model.hub import cached_hub_file, hub_file_available, hub_offline_if_cached, hub_reachable
+from eclip.model.hub import hub_offline_if_cached
 from eclip.model.text_limit import CappedTokenizer
+from eclip.model.source import (ModelSource, checkpoint_source, is_config_path, model_source,  # noqa: F401
+                                random_weights, resolve_source)   # model_source, random_weights: re-exported
 
 
 def resolve_device(device: str | None) -> str:
@@ -38,122 +39,60 @@ def register_config(cfg: dict) -> str:
         folder = Path(tempfile.gettempdir()) / f"eclip-configs-{os.getuid()}"
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{name}.json"
-        path.write_text(text)
+        from eclip.atomic import write_text
+        write_text(path, text)   # whole: processes started together (torchrun) write and read it at once
         open_clip.add_model_config(path)
     return name
 
 
 def resolve_architecture(model: str) -> tuple[str, dict, str]:
-    """-> (name open_clip builds it by, full model config, tokenizer name)."""
+    """-> (name open_clip builds it by, full model config, tokenizer name). The options were
+    checked by eclip.model.source.check_architecture."""
     import open_clip
-    if model.endswith(".json") or os.path.sep in model and not model.startswith(("hf-hub:", "local-dir:")):
+    if is_config_path(model):
         path = Path(model)
-        if not path.is_file():
-            raise EclipError(f"--model {model}: no such model-config file")
-        try:
-            cfg = json.loads(path.read_text())
-            cfg = cfg.get("model_cfg", cfg)
-            assert "vision_cfg" in cfg and "text_cfg" in cfg and "embed_dim" in cfg
-        except (ValueError, AssertionError):
-            raise EclipError(f"--model {model}: not an open_clip model config (needs embed_dim, vision_cfg, text_cfg)")
+        cfg = json.loads(path.read_text())
+        cfg = cfg.get("model_cfg", cfg)
         if is_hf_text(cfg):
             cfg = resolve_names(cfg, path.parent, f"--model {model}")
         name = register_config(cfg)
         return name, cfg, name
     if model.startswith("hf-hub:"):
-        _require_hub_file(model[len("hf-hub:"):], ["open_clip_config.json"], f"--model {model}")
         with hub_offline_if_cached(True):
             cfg = open_clip.get_model_config(model)
         return model, cfg, model
     if model.startswith("local-dir:"):
-        folder = Path(model[len("local-dir:"):])
-        if not (folder / "open_clip_config.json").is_file():
-            raise EclipError(f"--model {model}: folder has no open_clip_config.json")
         return model, open_clip.get_model_config(model), model
     name = model.replace("/", "-")
     cfg = open_clip.get_model_config(name)
-    if cfg is None:
-        raise EclipError(f"--model {model}: unknown architecture (see `python -c \"import open_clip; "
-                         f"print(open_clip.list_models())\"`), or pass a model-config JSON file")
     if is_hf_text(cfg):      # e.g. roberta-ViT-B-32: its text tower comes from the hub
         resolve_names(cfg, None, f"--model {model}")
     return name, cfg, name
 
 
-def _require_hub_file(repo: str, filenames, what: str) -> None:
-    if not hub_file_available(repo, filenames):
-        raise EclipError(f"{what}: {repo} is not in the local Hugging Face cache and the hub is unreachable "
-                         f"(offline?); copy the files to a folder and use local-dir:PATH, or pass "
-                         f"--pretrained /path/to/weights.safetensors")
-
-
-def resolve_pretrained(name: str, pretrained: str | None) -> tuple[str | None, dict]:
-    """-> (weights file or tag to hand to open_clip, the tag's config). Fails at once when offline."""
-    import open_clip
-    from open_clip.pretrained import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
-    if pretrained is None or pretrained.lower() == "none":
-        return None, {}
-    if Path(pretrained).is_file():
-        return pretrained, {}
-    tag_cfg = open_clip.get_pretrained_cfg(name, pretrained)
-    if not tag_cfg:
-        if any(c in pretrained for c in "/\\."):
-            raise EclipError(f"--pretrained {pretrained}: no such weights file")
-        tags = open_clip.list_pretrained_tags_by_model(name)
-        raise EclipError(f"--pretrained {pretrained}: not a known tag for {name} "
-                         f"(known: {', '.join(tags) or 'none'}) and not a file")
-    local = None
-    if tag_cfg.get("hf_hub"):
-        repo, fname = os.path.split(tag_cfg["hf_hub"])
-        local = cached_hub_file(repo, [fname] if fname else [HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME])
-    if local is None and tag_cfg.get("url"):
-        candidate = Path("~/.cache/clip").expanduser() / os.path.basename(tag_cfg["url"])
-        local = str(candidate) if candidate.is_file() else None
-    if local is None and not hub_reachable():
-        raise EclipError(
-            f"--pretrained {pretrained}: weights for {name} are not in the local cache and the model hub is "
-            f"unreachable (offline?); download them where the hub is reachable, or pass a local file with "
-            f"--pretrained /path/to/weights.safetensors (or a model-config JSON with --pretrained none)")
-    return local or pretrained, tag_cfg
-
-
 def load_model(spec: ModelSpec | None = None, *, model=None, pretrained=None, checkpoint=None, device=None,
-               precision="fp32", seed=None, experts: ExpertConfig | None = None, loss: LossConfig | None = None):
-    """Build an EntityCLIP from model options (see README, "Python API")."""
+               precision="fp32", seed=None, experts: ExpertConfig | None = None, loss: LossConfig | None = None,
+               source: ModelSource | None = None):
+    """Build an EntityCLIP from model options (see README, "Python API"). `source`: the options
+    already resolved by eclip.model.source.resolve_source (which reports bad input)."""
     spec = spec or ModelSpec(model=model, pretrained=pretrained, checkpoint=checkpoint, device=device,
                              precision=precision, seed=seed)
+    source = source or resolve_source(spec)      # input errors first, before torch is imported
     device = resolve_device(spec.device)
-    if spec.checkpoint:
-        from eclip.checkpoint import load_checkpoint
-        m = load_checkpoint(spec.checkpoint, device=device)
-        return _cast(m, spec.precision)
-    arch, weights = spec.model or DEFAULT_MODEL, spec.pretrained
-    if spec.model is None and weights is None:
-        weights = DEFAULT_PRETRAINED
-    name, clip_cfg, tokenizer = resolve_architecture(arch)
-    file_or_tag, tag_cfg = resolve_pretrained(name, weights)
-    user_file = weights if weights and Path(str(weights)).is_file() else None
-    if user_file:
-        from eclip.model.weights import check_weights_file
-        check_weights_file(user_file)        # no pickle, no malformed file reaches open_clip
-    source = model_source(spec)
-    seed = source["seed"] if source["seed"] is not None else spec.seed
-    with seeded(seed):   # random weights are drawn from the seed: the same options give the same model
+    if source.kind == "checkpoint":
+        return _cast(load_checkpoint(source.weights, device=device), spec.precision)
+    name, clip_cfg, tokenizer = resolve_architecture(source.arch)
+    user_file = source.weights if source.kind == "file" else None   # checked by resolve_source
+    seed = source.identity.get("seed")
+    with seeded(seed if seed is not None else spec.seed):   # random weights: the same options, the same model
         m = build(name, clip_cfg, tokenizer, experts or ExpertConfig(), loss or LossConfig(),
-                  pretrained=None if user_file else file_or_tag, tag_cfg=tag_cfg, device=device)
+                  pretrained=None if user_file else (source.weights or source.tag), tag_cfg=source.tag_cfg,
+                  device=device)
     if user_file:
         from eclip.model.weights import load_weights_file
-        load_weights_file(m.clip, user_file, arch)
-    m.source = source
+        load_weights_file(m.clip, user_file, source.arch)
+    m.source = dict(source.identity)
     return _cast(m, spec.precision)
-
-
-def random_weights(spec: ModelSpec) -> bool:
-    """No weights anywhere: an architecture name or config file with --pretrained none (or none given).
-    hf-hub: and local-dir: models bring their own weights."""
-    if spec.checkpoint or spec.model is None or spec.model.startswith(("hf-hub:", "local-dir:")):
-        return False
-    return spec.pretrained is None or str(spec.pretrained).lower() == "none"
 
 
 @contextlib.contextmanager
@@ -169,26 +108,34 @@ def seeded(seed: int | None):
         yield
 
 
-def model_source(spec: ModelSpec) -> dict:
-    """What model options name, the same from any folder (no checkpoint: that is named by its
-    sha256): files by absolute path, and a model-config file also by the sha256 of its bytes
-    (`model_sha256`), so a relative path, an absolute one and a copy elsewhere are one model.
-    Cheap: nothing is built."""
-    arch, weights = spec.model or DEFAULT_MODEL, spec.pretrained
-    if spec.model is None and weights is None:
-        weights = DEFAULT_PRETRAINED
-    model, model_sha256 = arch, None
-    if arch.startswith("local-dir:") and os.path.isdir(arch[len("local-dir:"):]):
-        model = "local-dir:" + os.path.realpath(arch[len("local-dir:"):])
-    elif os.path.isfile(arch):
-        model = os.path.realpath(arch)
-        model_sha256 = hashlib.sha256(Path(arch).read_bytes()).hexdigest()
-    if weights and os.path.isfile(str(weights)):
-        weights = os.path.realpath(str(weights))
-    # random weights are the seed's: another seed, another model (identity() keeps it, so stores compare it)
-    seed = (spec.seed if spec.seed is not None else 0) if random_weights(spec) else None
-    return {"model": model, "model_sha256": model_sha256, "pretrained": weights, "checkpoint_sha256": None,
-            "seed": seed}
+def load_checkpoint(path, device: str = "cpu"):
+    """Rebuild the model an eclip checkpoint describes from its header alone and load the weights (strict)."""
+    from safetensors.torch import load_model as load_weights
+
+    from eclip.checkpoint import read_config
+    from eclip.model.hf_text import HEADER_KEY, rebuild_config
+    meta, config = read_config(path)
+    clip_config = config.clip_config
+    if is_hf_text(clip_config):
+        clip_config = rebuild_config(clip_config, meta, path)
+    name = register_config(clip_config)   # the header alone rebuilds it: no hub, no folder
+    hub_or_dir = config.tokenizer.startswith(("hf-hub:", "local-dir:")) and HEADER_KEY not in meta
+    tokenizer = config.tokenizer if hub_or_dir else name
+    try:
+        model = build(name, clip_config, tokenizer, config.experts, config.loss, device="cpu",
+                      preprocess_cfg=config.preprocess)
+    except Exception as e:   # types were plausible, but open_clip cannot build what the header describes
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise EclipError(f"{path}: the eclip header's config does not build a model ({first})") from None
+    model.config = config
+    try:
+        load_weights(model, str(path), strict=True)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise EclipError(f"{path}: weights do not fit the model its header describes ({first})")
+    # the sha256 is computed by identity() when first asked: plain matching never needs it
+    model.source = checkpoint_source(path, config.clip_name)
+    return model.to(device)
 
 
 def build(name, clip_cfg, tokenizer_name, experts, loss, pretrained=None, tag_cfg=None, device="cpu",

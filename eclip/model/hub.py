@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+from pathlib import Path
 
 HUB_HOST = "huggingface.co"
 
@@ -19,12 +20,25 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def cached_hub_file(repo: str, filenames) -> str | None:
-    from huggingface_hub import try_to_load_from_cache
+def hub_cache_dir() -> Path:
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(var):
+            return Path(os.environ[var]).expanduser()
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
+    return Path(home).expanduser() / "hub"
+
+
+def cached_hub_file(repo: str, filenames, revision: str = "main") -> str | None:
+    """The cached snapshot file of `repo` at `revision`, as huggingface_hub's try_to_load_from_cache
+    finds it (models--ORG--NAME/refs/REV -> snapshots/COMMIT/FILE), read without importing
+    huggingface_hub (whose file_download imports httpx: ~1 s of a cold start)."""
+    folder = hub_cache_dir() / ("models--" + repo.replace("/", "--"))
+    ref = folder / "refs" / revision
+    commit = ref.read_text().strip() if ref.is_file() else revision
     for name in filenames:
-        path = try_to_load_from_cache(repo, name)
-        if isinstance(path, str):
-            return path
+        path = folder / "snapshots" / commit / name
+        if path.is_file():
+            return str(path)
     return None
 
 

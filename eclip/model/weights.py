@@ -58,12 +58,10 @@ def check_weights_file(path) -> str:
                          f"never loads because unpickling can run code; convert it to safetensors once, on a file "
                          f"you trust, then pass the .safetensors file: {convert_command(path)}")
     if kind == "safetensors":
-        from safetensors import safe_open
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                for key in f.keys():
-                    f.get_slice(key).get_shape()
-        except Exception as e:   # safetensors raises its own error types
+        from eclip.checkpoint import read_safetensors_header
+        try:   # header, offsets and size checked without torch: this runs before any model loads
+            read_safetensors_header(path)
+        except Exception as e:
             first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
             raise EclipError(f"--pretrained {path}: not a readable .safetensors file ({first})") from None
         if path.suffix.lower() != ".safetensors":   # open_clip picks its reader by the suffix

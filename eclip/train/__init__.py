@@ -15,7 +15,19 @@ skipped.jsonl (unreadable images), curves.png, summary.json, and tensorboard/ wh
 All processes of a run share its folder: across machines it must be on a filesystem they
 all see (as Accelerate's save_state assumes).
 """
-from eclip.train.loop import train
-from eclip.train.rundir import resume_config
+__all__ = ["train", "resume_config", "check_inputs"]
 
-__all__ = ["train", "resume_config"]
+
+def __getattr__(name):
+    # Lazy: `eclip.train.inputs` and `eclip.train.rundir` are torch-free, so the command line can
+    # check a run's inputs before the loop (and torch) is imported.
+    if name == "train":
+        from eclip.train.loop import train
+        return train
+    if name == "resume_config":
+        from eclip.train.rundir import resume_config
+        return resume_config
+    if name == "check_inputs":
+        from eclip.train.inputs import check_inputs
+        return check_inputs
+    raise AttributeError(name)

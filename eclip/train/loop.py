@@ -24,17 +24,18 @@ from eclip.train.step import clamp_logit_scale, common_batch, forward_backward, 
 LOSSES = ("loss", "vtc", "gfm", "vtc_star")
 
 
-def train(cfg: TrainConfig, resume: bool = False) -> dict:
+def train(cfg: TrainConfig, resume: bool = False, splits=None) -> dict:
     """Train; return the summary. `resume=True` continues the run in `cfg.output` from its last
     saved state (the same next batch, learning rate and random streams).
 
     best.safetensors is the model at the validation with the highest val rsum (R@1+5+10 of
     both directions); a later validation that only ties it does not replace it.
     last.safetensors is the model at the latest saved state.
+    `splits`: (train records, val records) already read by eclip.train.inputs.check_inputs.
     """
     trainer = None
     try:
-        trainer = Trainer(cfg, resume)
+        trainer = Trainer(cfg, resume, splits)
         return trainer.fit()
     except KeyboardInterrupt:
         raise EclipError(f"interrupted; continue with: eclip train --resume {cfg.output}", exit_code=130) from None
@@ -52,7 +53,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, resume: bool):
+    def __init__(self, cfg: TrainConfig, resume: bool, splits=None):
         from eclip.train.setup import make_accelerator
         if not cfg.dataset:
             raise EclipError("--dataset is required (or --resume RUN_DIR to continue a run)")
@@ -62,12 +63,12 @@ class Trainer:
         # one run per folder: the main process holds its lock until close() (or the process ends)
         self.lock = lock_folder(self.run.path) if self.main else None
         try:
-            self._setup(cfg, resume)
+            self._setup(cfg, resume, splits)
         except BaseException:
             self.close()
             raise
 
-    def _setup(self, cfg: TrainConfig, resume: bool) -> None:
+    def _setup(self, cfg: TrainConfig, resume: bool, splits=None) -> None:
         from accelerate.utils import set_seed
 
         from eclip.data.dataset import PairDataset, SkipLog
@@ -80,7 +81,7 @@ class Trainer:
         announce(validation_line(cfg), self.main)   # the run's first line
         set_seed(cfg.seed)
         model = build_model(cfg)
-        self.train_records, self.val_records = read_splits(cfg)
+        self.train_records, self.val_records = splits or read_splits(cfg)
         self.cfg = cfg
         acc.wait_for_everyone()          # every process checked the folder before it is written
         if self.main:

