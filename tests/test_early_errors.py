@@ -67,7 +67,7 @@ def test_input_errors_exit_2_without_loading_a_model(inputs, tmp_path):
         (["match", "--checkpoint", str(tmp), photo, "a caption"], "no best.safetensors inside"),
         (["match", photo, "a caption"], "not in the local cache"),                  # ViT-B-32 openai, offline
         (["train", "--dataset", str(tmp / "pairs-train.jsonl"), "--output", str(tmp_path / "r1"), *train],
-         "no validation file found"),
+         "too few to hold some out"),                 # one image: none to hold out for validation
         (["train", "--dataset", str(tmp / "broken.jsonl"), "--val-dataset", str(tmp / "pairs-train.jsonl"),
           "--output", str(tmp_path / "r2"), *train], "line 2: invalid JSON (Invalid control character at column 32)"),
         (["embed", "--images", str(tmp / "nowhere"), "--output", str(tmp_path / "e"), "--checkpoint", ckpt],
