@@ -124,9 +124,15 @@ def match_pairs(matcher: Matcher, images: list, texts: list[str], decoded: list 
     if decoded is None:
         decoded = open_images(images)
     pixels = [matcher.encoder.preprocess(image) for image in decoded]
-    cos, prob = matcher.scores(matcher.encode_pixels(pixels), matcher.encode_texts(texts))
+    return pairs_result(matcher, [str(p) for p in images], matcher.encode_pixels(pixels), texts,
+                        matcher.encode_texts(texts))
+
+
+def pairs_result(matcher: Matcher, names: list[str], image_features, texts: list[str], text_features) -> dict:
+    """The `match --json` document for encoded images (named `names`) against encoded captions."""
+    cos, prob = matcher.scores(image_features, text_features)
     results, best = [], None
-    for i, image in enumerate(images):
+    for i, image in enumerate(names):
         order = sorted(range(len(texts)), key=lambda j: -float(cos[i, j]))
         matches = [{"text": texts[j], "score": float(cos[i, j]), "prob": float(prob[i, j])} for j in order]
         results.append({"image": str(image), "matches": matches})
@@ -313,9 +319,6 @@ def match_gallery(matcher: Matcher, store, queries: list[str], top_k: int = 5, m
                   kinds: list[str] | None = None) -> dict:
     """Top-K gallery images for each caption query, top-K gallery captions for each image query.
     `kinds`: gallery_query_kinds(store, queries, top_k), when the caller checked them already."""
-    import hashlib
-
-    from eclip.gallery import search
     kinds = kinds or gallery_query_kinds(store, queries, top_k)
     store.check_model(matcher.identity())
     results = [None] * len(queries)
@@ -327,14 +330,33 @@ def match_gallery(matcher: Matcher, store, queries: list[str], top_k: int = 5, m
             feats = matcher.encode_texts([queries[i] for i in idx])
         else:
             feats = matcher.encode_pixels([matcher.pixels(queries[i]) for i in idx])
-        shards = json.dumps(store.manifest[target]["shards"], sort_keys=True).encode()
-        cache = store.path / f"{target}-{hashlib.sha256(shards).hexdigest()[:12]}.ivf.faiss"
-        scores, indices = search(feats, store.vectors(target), top_k, method, index_path=cache)
-        for row, i in enumerate(idx):
-            found = [j for j in indices[row].tolist() if j >= 0]   # IVF pads with -1 when lists run short
-            meta = store.rows(target, found)
-            matches = [{"rank": r + 1, "score": float(scores[row][r]), **m} for r, m in enumerate(meta)]
+        for matches, i in zip(search_store(store, target, feats, top_k, method), idx):
             results[i] = {"query": queries[i], "kind": kind, "searched": target, "matches": matches}
+    return gallery_result(store, results)
+
+
+def search_store(store, target: str, features, top_k: int, method: str = "auto") -> list[list[dict]]:
+    """Query features [Q, D] -> for each query its top-K rows of `target` ("images" | "texts"),
+    best first: [{"rank", "score", "row", and the row's metadata}]."""
+    import hashlib
+
+    import numpy as np
+
+    from eclip.gallery import search
+    shards = json.dumps(store.manifest[target]["shards"], sort_keys=True).encode()
+    cache = store.path / f"{target}-{hashlib.sha256(shards).hexdigest()[:12]}.ivf.faiss"
+    scores, indices = search(np.asarray(features, dtype=np.float32), store.vectors(target), top_k, method,
+                             index_path=cache)
+    out = []
+    for row in range(len(indices)):
+        found = [j for j in indices[row].tolist() if j >= 0]   # IVF pads with -1 when lists run short
+        meta = store.rows(target, found)
+        out.append([{"rank": r + 1, "score": float(scores[row][r]), **m} for r, m in enumerate(meta)])
+    return out
+
+
+def gallery_result(store, results: list[dict]) -> dict:
+    """The `match --gallery --json` document around per-query results."""
     best = max((r for r in results if r["matches"]), key=lambda r: r["matches"][0]["score"], default=None)
     return {"gallery": str(store.path), "results": results,
             "best": None if best is None else {"query": best["query"], **best["matches"][0]},

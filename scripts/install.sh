@@ -24,3 +24,15 @@ ln -sfn "$minilm" examples/sentence-transformers/all-MiniLM-L6-v2
 # took 14 s instead of ~7 (README, "Start-up time"). A few third-party files that no Python 3
 # compiles make compileall exit 1; that is expected.
 .venv/bin/python -m compileall -q -j 0 .venv/lib/python*/site-packages > /dev/null 2>&1 || true
+# tests/test_serve_page.py drives the page of `eclip serve` in Debian's chromium (selenium's own
+# browser download does not work offline). Installed here when missing and we are root (CI is).
+if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        chromium chromium-driver fonts-liberation >/dev/null; } \
+      || echo "install.sh: apt-get could not install chromium; the browser test will fail under CI" >&2
+  else
+    echo "install.sh: no chromium/chromedriver (as root: apt-get install chromium chromium-driver);" \
+         "the browser test is skipped outside CI" >&2
+  fi
+fi

@@ -66,3 +66,35 @@ def checkpoint(tmp_path_factory, tiny_config_path):
     path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
     save_checkpoint(model, path)
     return path, model.eval()
+
+
+@pytest.fixture(scope="session")
+def serve_gallery(tmp_path_factory, checkpoint, real_images):
+    """(folder, captions): a gallery `eclip embed` wrote with the session checkpoint (4 photos, 4 captions)."""
+    from eclip.config import ModelSpec
+    from eclip.embed import embed
+    out = tmp_path_factory.mktemp("serve") / "gallery"
+    captions = out.parent / "captions.txt"
+    captions.write_text("an astronaut\na rocket launch\na cup of coffee\na cat on a sofa\n")
+    embed(ModelSpec(checkpoint=str(checkpoint[0]), device="cpu"), out, images=str(real_images["astronaut"].parent),
+          texts=str(captions), dtype="fp32", workers=0)
+    return out, captions.read_text().splitlines()
+
+
+@pytest.fixture(scope="session")
+def live_server(checkpoint, serve_gallery):
+    """`eclip serve` running in this process (uvicorn on a thread, a free port on 127.0.0.1), no token."""
+    import threading
+
+    from eclip.config import ModelSpec
+    from eclip.embedstore import open_store
+    from eclip.match import Matcher
+    from eclip.serve import Server, ServeOptions
+    matcher = Matcher.from_spec(ModelSpec(checkpoint=str(checkpoint[0]), device="cpu"))
+    server = Server(matcher, ServeOptions(port=0, batch_wait_ms=200), open_store(serve_gallery[0]))
+    thread = threading.Thread(target=server.run, name="eclip-serve-test", daemon=True)
+    thread.start()
+    assert server.started.wait(60), "the test server did not start"
+    yield server
+    server.stop()
+    thread.join(30)

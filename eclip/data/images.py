@@ -43,7 +43,8 @@ def max_image_pixels() -> int:
 
 
 def load_image(path) -> Image.Image:
-    """The image at `path` as an upright 8-bit RGB image, or `ImageError`.
+    """The image at `path` (a file path, or a binary file object such as an upload) as an upright
+    8-bit RGB image, or `ImageError`.
 
     Truncated files are refused, never padded (LOAD_TRUNCATED_IMAGES stays off):
     a half-grey photo is worse training data than none.
@@ -71,7 +72,7 @@ def load_image(path) -> Image.Image:
     except PermissionError:
         raise ImageError(path, "unreadable (permission denied)") from None
     except UnidentifiedImageError:
-        empty = os.path.isfile(path) and os.path.getsize(path) == 0
+        empty = _size(path) == 0
         raise ImageError(path, "empty file" if empty else "not an image") from None
     except (OSError, ValueError, SyntaxError, EOFError) as e:
         text = str(e)
@@ -79,6 +80,16 @@ def load_image(path) -> Image.Image:
         if "truncated" in low or "broken data stream" in low or isinstance(e, EOFError):
             raise ImageError(path, "truncated") from None
         raise ImageError(path, f"unreadable ({type(e).__name__}: {text[:120]})") from None
+
+
+def _size(source) -> int | None:
+    """Bytes in a file path or an open binary file (an upload); None when unknown."""
+    try:
+        if hasattr(source, "seek"):
+            return source.seek(0, os.SEEK_END)
+        return os.path.getsize(source) if os.path.isfile(source) else None
+    except (OSError, ValueError, TypeError):
+        return None
 
 
 def _pixels_in(error) -> str:

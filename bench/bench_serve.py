@@ -1,0 +1,174 @@
+"""`eclip serve` latency and throughput against the model's own forward pass, in one run.
+
+Goals (issue: eclip serve):
+- p50 latency of POST /match (one image, one caption) with 1 client at most 1.3x the bare
+  forward: Matcher.encode_pixels on one pre-decoded image plus encode_texts on one new caption,
+  timed in this process while the server is idle;
+- requests/s with 16 concurrent clients at least 2x the 1-client figure (requests arriving
+  together share a forward pass).
+
+Every request sends a real photo (skimage.data, JPEG) and a caption never sent before, so the
+server's caption cache does not flatter it. The server is the real `eclip serve` command on
+127.0.0.1 (a free port), stopped with SIGTERM at the end. Each phase stops after --requests
+requests or --max-seconds, whichever comes first. The bare forward is measured before, between
+and after the phases (the machine is shared; the median of all is the baseline).
+
+Run: python bench/bench_serve.py [--model ViT-B-32] [--requests 500] [--clients 1,16]
+"""
+import argparse
+import io
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+
+
+def load_average() -> str:
+    try:
+        return " ".join(open("/proc/loadavg").read().split()[:3])
+    except OSError:
+        return "?"
+
+
+def start_server(args) -> tuple[subprocess.Popen, str]:
+    cmd = [sys.executable, "-m", "eclip", "serve", "--model", args.model, "--pretrained", args.pretrained,
+           "--device", "cpu", "--port", "0", "--batch-wait-ms", str(args.batch_wait_ms)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "ECLIP_QUIET": "1"})
+    for line in proc.stderr:
+        if "listening on " in line:
+            url = line.split("listening on ")[1].split()[0]
+            threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()   # drain the access log
+            return proc, url
+    sys.exit(f"the server did not start: {' '.join(cmd)}")
+
+
+def photos() -> list[tuple[str, bytes]]:
+    import skimage.data
+    from PIL import Image
+    out = []
+    for name in ("astronaut", "rocket", "coffee", "chelsea"):
+        buffer = io.BytesIO()
+        Image.fromarray(getattr(skimage.data, name)()).convert("RGB").save(buffer, "JPEG", quality=90)
+        out.append((f"{name}.jpg", buffer.getvalue()))
+    return out
+
+
+class Captions:
+    """A caption nobody sent before, each call (thread-safe)."""
+
+    def __init__(self, prefix: str):
+        self.prefix, self.n, self.lock = prefix, 0, threading.Lock()
+
+    def __call__(self) -> str:
+        with self.lock:
+            self.n += 1
+            return f"{self.prefix} photograph number {self.n} of the archive"
+
+
+def bare_forward(matcher, pixels, captions, repeat: int) -> list[float]:
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        matcher.encode_pixels([pixels])
+        matcher.encode_texts([captions()])
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def phase(url, images, captions, clients: int, requests: int, max_seconds: float) -> dict:
+    latencies, errors, lock = [], [], threading.Lock()
+    sent = [0]
+    deadline = time.perf_counter() + max_seconds
+
+    def client(k):
+        with httpx.Client(timeout=120) as http:
+            while True:
+                with lock:
+                    if sent[0] >= requests or time.perf_counter() > deadline:
+                        return
+                    sent[0] += 1
+                    n = sent[0]
+                name, data = images[n % len(images)]
+                start = time.perf_counter()
+                response = http.post(f"{url}/match", files=[("image", (name, data, "image/jpeg"))],
+                                     data={"caption": captions()})
+                seconds = time.perf_counter() - start
+                with lock:
+                    (latencies if response.status_code == 200 else errors).append(seconds)
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    latencies.sort()
+    return {"clients": clients, "requests": len(latencies), "errors": len(errors), "wall_s": wall,
+            "p50": statistics.median(latencies), "p99": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
+            "rps": len(latencies) / wall}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="ViT-B-32")
+    ap.add_argument("--pretrained", default="none", help="random weights cost the same as trained ones")
+    ap.add_argument("--requests", type=int, default=500, help="requests per phase")
+    ap.add_argument("--clients", default="1,16")
+    ap.add_argument("--max-seconds", type=float, default=240, help="each phase stops after this long")
+    ap.add_argument("--forward-repeat", type=int, default=15)
+    ap.add_argument("--batch-wait-ms", type=float, default=10.0)
+    args = ap.parse_args()
+    clients = [int(c) for c in args.clients.split(",")]
+
+    import torch
+
+    from eclip.config import ModelSpec
+    from eclip.match import Matcher
+    print(f"load before: {load_average()}  (cores: {os.cpu_count()}, torch threads: {torch.get_num_threads()})")
+    proc, url = start_server(args)
+    try:
+        images = photos()
+        matcher = Matcher.from_spec(ModelSpec(model=args.model, pretrained=args.pretrained, device="cpu"))
+        from eclip.data.images import load_image
+        pixels = matcher.model.preprocess(load_image(io.BytesIO(images[0][1])))
+        captions = Captions("bench")
+        bare_forward(matcher, pixels, captions, 3)                                   # warm-up
+        forward = bare_forward(matcher, pixels, captions, args.forward_repeat)
+        server_captions = Captions("served")
+        phase(url, images, server_captions, 2, 10, 60)                               # warm-up
+        results = []
+        for c in clients:
+            results.append(phase(url, images, server_captions, c, args.requests, args.max_seconds))
+            forward += bare_forward(matcher, pixels, captions, args.forward_repeat)
+        batching = httpx.get(f"{url}/health").json()["batching"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(60)
+    base = statistics.median(forward)
+    print(f"model {args.model} ({args.pretrained}), CPU; server stopped with SIGTERM -> exit {code}")
+    print(f"bare forward, 1 image + 1 new caption: median {1000 * base:.1f} ms "
+          f"(min {1000 * min(forward):.1f}, max {1000 * max(forward):.1f}, n={len(forward)})")
+    for r in results:
+        print(f"{r['clients']:2d} client(s): {r['requests']} requests ({r['errors']} errors) in {r['wall_s']:.1f} s: "
+              f"p50 {1000 * r['p50']:.1f} ms, p99 {1000 * r['p99']:.1f} ms, {r['rps']:.2f} requests/s")
+    one = next((r for r in results if r["clients"] == 1), None)
+    many = next((r for r in results if r["clients"] == max(clients) and r["clients"] > 1), None)
+    if one:
+        print(f"p50 at 1 client / bare forward: {one['p50'] / base:.2f}x (goal <= 1.3x)")
+    if one and many:
+        print(f"requests/s at {many['clients']} clients / at 1 client: {many['rps'] / one['rps']:.2f}x (goal >= 2x)")
+    print(f"batches: {batching['batches']} for {batching['jobs']} requests, "
+          f"mean {batching['jobs'] / max(1, batching['batches']):.2f}, largest {batching['largest_batch']}")
+    print(f"load after: {load_average()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

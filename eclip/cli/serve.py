@@ -1,0 +1,64 @@
+"""`eclip serve`: the model (and a gallery) behind an HTTP API and a web page."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from typing_extensions import Annotated
+
+from eclip.cli import app
+from eclip.cli.options import (Checkpoint, Device, Model, Precision, PrecisionOpt, Pretrained, model_spec,
+                               user_errors)
+
+HELP = """Serve matching and gallery search over HTTP, with a web page at /.
+
+\b
+Endpoints:
+  POST /match      multipart: image=@FILE (one or more), caption=TEXT (one or more), threshold
+                   -> the same JSON as `eclip match --json`
+  GET  /search     ?q=CAPTION&k=N -> top-K gallery images with thumbnail URLs
+  POST /search     multipart: image=@FILE, k, target=images|texts
+  GET  /image/ID   thumbnail of gallery image row ID
+  GET  /health     model identity, gallery size, version (never needs the token)
+  GET  /           the page: score a photo against captions, search the gallery
+
+\b
+Examples:
+  eclip serve --checkpoint best.safetensors
+  eclip serve --gallery gallery/ --port 8080                 the model recorded in the gallery
+  SERVE_TOKEN=$(openssl rand -hex 24) eclip serve --host 0.0.0.0 --token-env SERVE_TOKEN ...
+
+Binds 127.0.0.1 unless --host says otherwise. With --token-env NAME every endpoint but /health
+needs `Authorization: Bearer TOKEN` (a browser may use Basic auth with the token as password).
+Stops cleanly on SIGTERM or Ctrl-C; one access-log line per request on stderr.
+"""
+
+
+@app.command(help=HELP)
+def serve(
+    gallery: Annotated[Optional[Path], typer.Option(
+        "--gallery", help="Folder written by `eclip embed` to search; without model options, its model is used.")] = None,
+    host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="Port to listen on (0: any free port, printed at start).")] = 8000,
+    token_env: Annotated[Optional[str], typer.Option(
+        "--token-env", help="Name of an environment variable holding a token that clients must send "
+                            "(Authorization: Bearer TOKEN). The token itself never goes on the command line.")] = None,
+    max_upload_mb: Annotated[float, typer.Option(
+        "--max-upload-mb", help="Largest request body accepted, in MB; a larger upload gets 413.")] = 20.0,
+    batch_wait_ms: Annotated[float, typer.Option(
+        "--batch-wait-ms", help="How long the model waits for requests that are still arriving, to encode "
+                                "them in one batch (a lone request never waits).")] = 10.0,
+    max_batch: Annotated[int, typer.Option("--max-batch", help="Images encoded in one forward pass at most.")] = 32,
+    model: Model = None,
+    pretrained: Pretrained = None,
+    checkpoint: Checkpoint = None,
+    device: Device = None,
+    precision: PrecisionOpt = Precision.fp32,
+):
+    with user_errors():
+        from eclip.serve import ServeOptions
+        from eclip.serve import serve as run_server
+        options = ServeOptions(gallery=str(gallery) if gallery else None, host=host, port=port, token_env=token_env,
+                               max_upload_mb=max_upload_mb, batch_wait_ms=batch_wait_ms, max_batch=max_batch)
+        run_server(model_spec(model, pretrained, checkpoint, device, precision), options)

@@ -1,0 +1,174 @@
+"""`eclip serve`: the model behind an HTTP API and a web page, loaded once.
+
+    from eclip.serve import ServeOptions, serve
+    serve(ModelSpec(checkpoint="best.safetensors"), ServeOptions(gallery="gallery/", port=8000))
+
+Starlette routes (`app.py`) on uvicorn; one model thread fed by `batching.Batcher`; the
+token check, the upload limit and the access log in `guards.py`; the page in `page/`.
+Inputs are checked and the port is bound before the model loads, so a mistake or a busy port
+is reported at once.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import threading
+from dataclasses import dataclass
+
+from eclip.errors import EclipError
+
+
+@dataclass
+class ServeOptions:
+    gallery: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    token_env: str | None = None        # name of the environment variable holding the token
+    max_upload_mb: float = 20.0
+    batch_wait_ms: float = 10.0         # how long the model thread waits for requests still arriving
+    max_batch: int = 32                 # images in one forward pass
+    search: str = "auto"                # gallery search method (eclip.gallery.METHODS)
+
+
+def check_options(options: ServeOptions) -> str | None:
+    """EclipError for options that cannot work; returns the token (None without --token-env)."""
+    from eclip.gallery import METHODS
+    if not 0 <= options.port <= 65535:
+        raise EclipError(f"--port {options.port}: must be between 0 and 65535 (0: any free port)")
+    if not options.max_upload_mb > 0:
+        raise EclipError(f"--max-upload-mb {options.max_upload_mb}: must be more than 0")
+    if options.batch_wait_ms < 0 or options.max_batch < 1:
+        raise EclipError("--batch-wait-ms must be 0 or more and --max-batch at least 1")
+    if options.search not in METHODS:
+        raise EclipError(f"--search {options.search}: one of {', '.join(METHODS)}")
+    if options.token_env is None:
+        return None
+    token = os.environ.get(options.token_env, "")
+    if not token.strip():
+        raise EclipError(f"--token-env {options.token_env}: that environment variable is not set or empty")
+    if len(token.strip()) < 16:
+        raise EclipError(f"--token-env {options.token_env}: the token is shorter than 16 characters")
+    return token.strip()
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A bound (not yet listening) TCP socket; EclipError when the address is busy or not ours."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise EclipError(f"--host {host}: cannot resolve ({e.strerror})") from None
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        raise EclipError(f"--host {host} --port {port}: cannot listen there ({e.strerror})") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def model_info(matcher) -> dict:
+    """What /health says about the model: names and digests, no paths of this machine."""
+    identity = matcher.model.identity()
+
+    def name(value):
+        return os.path.basename(str(value)) if value and os.path.exists(str(value)) else value
+
+    return {"name": matcher.model.config.clip_name, "model": name(identity.get("model")),
+            "pretrained": name(identity.get("pretrained")), "checkpoint": name(identity.get("checkpoint")),
+            "checkpoint_sha256": identity.get("checkpoint_sha256"), "device": str(matcher.device),
+            "precision": matcher.precision}
+
+
+class Server:
+    """A bound socket, the app and uvicorn. run() serves until SIGTERM / Ctrl-C (main thread) or stop()."""
+
+    def __init__(self, matcher, options: ServeOptions, store=None, token: str | None = None, sock=None):
+        import uvicorn
+
+        from eclip.serve.app import ServerState, build_app
+        from eclip.serve.batching import Batcher
+        self.socket = sock or bind(options.host, options.port)
+        host, port = self.socket.getsockname()[:2]
+        self.url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+        batcher = Batcher(matcher, max_wait=options.batch_wait_ms / 1000, max_images=options.max_batch)
+        if store is not None:   # read the vectors and tables now, not in the first request
+            for kind in ("images", "texts"):
+                if store.has(kind):
+                    store.vectors(kind), store.table(kind)
+        self.state = ServerState(batcher, store, options.search, model_info(matcher))
+        app = build_app(self.state, token, int(options.max_upload_mb * 2 ** 20))
+        config = uvicorn.Config(app, log_config=None, log_level="warning", access_log=False, lifespan="on",
+                                server_header=False, timeout_graceful_shutdown=10)
+        self._uvicorn = _Uvicorn(config, on_started=self._started)
+        self.started = threading.Event()
+
+    def _started(self):
+        from eclip.serve.guards import write_line
+        write_line(f"eclip serve: listening on {self.url} (Ctrl-C to stop)")
+        self.started.set()
+
+    def run(self) -> None:
+        self._uvicorn.run(sockets=[self.socket])
+
+    def stop(self) -> None:
+        self._uvicorn.should_exit = True
+
+
+class _Uvicorn:
+    """uvicorn.Server that announces itself once listening and, after a clean shutdown on SIGTERM
+    or Ctrl-C, returns normally (uvicorn re-raises the signal, which would end with status 143/130)."""
+
+    def __new__(cls, config, on_started):
+        import uvicorn
+
+        class Quiet(uvicorn.Server):
+            async def startup(self, sockets=None):
+                await super().startup(sockets=sockets)
+                if self.started:
+                    on_started()
+
+            @contextlib.contextmanager
+            def capture_signals(self):
+                if threading.current_thread() is not threading.main_thread():
+                    yield
+                    return
+                signals = (signal.SIGINT, signal.SIGTERM)
+                previous = {sig: signal.signal(sig, self.handle_exit) for sig in signals}
+                try:
+                    yield
+                finally:
+                    for sig, handler in previous.items():
+                        signal.signal(sig, handler)
+
+        return Quiet(config)
+
+
+def serve(spec, options: ServeOptions) -> None:
+    """Check the options, open the gallery, bind, load the model, serve until SIGTERM / Ctrl-C."""
+    from eclip.console import note
+    token = check_options(options)
+    store = None
+    if options.gallery:
+        from eclip.embedstore import open_store
+        from eclip.match import gallery_spec
+        store = open_store(options.gallery)
+        spec = gallery_spec(store, spec)
+    sock = bind(options.host, options.port)
+    try:
+        from eclip.match import Matcher
+        note("eclip serve: loading the model")
+        matcher = Matcher.from_spec(spec)
+        if store is not None:
+            store.check_model(matcher.model.identity())
+        server = Server(matcher, options, store, token, sock=sock)
+    except BaseException:
+        sock.close()
+        raise
+    server.run()
+    from eclip.serve.guards import write_line
+    write_line("eclip serve: stopped")
