@@ -11,7 +11,7 @@ import typer.main
 
 from eclip.cli import app
 
-COMMANDS = ["", "explain", "train", "embed", "match", "evaluate"]
+COMMANDS = ["", "explain", "train", "embed", "match", "evaluate", "serve"]
 
 
 @pytest.fixture(scope="module")

@@ -15,19 +15,19 @@ HELP = """Serve matching and gallery search over HTTP, with a web page at /.
 
 \b
 Endpoints:
-  POST /match      multipart: image=@FILE (one or more), caption=TEXT (one or more), threshold
-                   -> the same JSON as `eclip match --json`
-  GET  /search     ?q=CAPTION&k=N -> top-K gallery images with thumbnail URLs
-  POST /search     multipart: image=@FILE, k, target=images|texts
-  GET  /image/ID   thumbnail of gallery image row ID
-  GET  /health     model identity, gallery size, version (never needs the token)
-  GET  /           the page: score a photo against captions, search the gallery
+  POST /match     image=@FILE (1+), caption=TEXT (1+), threshold
+                  -> the JSON of `eclip match --json`
+  GET  /search    ?q=CAPTION&k=N -> top-K gallery images, thumbnail URLs
+  POST /search    image=@FILE, k, target=images|texts
+  GET  /image/ID  thumbnail of gallery image row ID
+  GET  /health    model, gallery size, version (no token needed)
+  GET  /          the page: score a photo, search the gallery
 
 \b
 Examples:
   eclip serve --checkpoint best.safetensors
-  eclip serve --gallery gallery/ --port 8080                 the model recorded in the gallery
-  SERVE_TOKEN=$(openssl rand -hex 24) eclip serve --host 0.0.0.0 --token-env SERVE_TOKEN ...
+  eclip serve --gallery gallery/ --port 8080     the gallery's own model
+  eclip serve --host 0.0.0.0 --token-env TOKEN   token from $TOKEN
 
 Binds 127.0.0.1 unless --host says otherwise. With --token-env NAME every endpoint but /health
 needs `Authorization: Bearer TOKEN` (a browser may use Basic auth with the token as password).
@@ -38,11 +38,11 @@ Stops cleanly on SIGTERM or Ctrl-C; one access-log line per request on stderr.
 @app.command(help=HELP)
 def serve(
     gallery: Annotated[Optional[Path], typer.Option(
-        "--gallery", help="Folder written by `eclip embed` to search; without model options, its model is used.")] = None,
+        "--gallery", show_default=False, help="Folder written by `eclip embed` to search; without model options, its model is used.")] = None,
     host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", help="Port to listen on (0: any free port, printed at start).")] = 8000,
     token_env: Annotated[Optional[str], typer.Option(
-        "--token-env", help="Name of an environment variable holding a token that clients must send "
+        "--token-env", show_default=False, help="Name of an environment variable holding a token that clients must send "
                             "(Authorization: Bearer TOKEN). The token itself never goes on the command line.")] = None,
     max_upload_mb: Annotated[float, typer.Option(
         "--max-upload-mb", help="Largest request body accepted, in MB; a larger upload gets 413.")] = 20.0,
