@@ -80,11 +80,13 @@ def test_page_scores_a_photo_and_searches_the_gallery(browser, live_server, real
     browser.find_element(By.ID, "search-button").click()
     widths = wait(browser, lambda d: d.execute_script(THUMBNAILS_RENDERED))
     assert len(widths) == 4 and all(w > 0 for w in widths)
-    shown = [f.text for f in browser.find_elements(By.CSS_SELECTOR, "#grid figcaption")]
+    shown = [f.text for f in browser.find_elements(By.CSS_SELECTOR, "#grid figcaption .name")]
     assert [s.split(" ")[1] for s in shown] == want
+    scores = [f.text for f in browser.find_elements(By.CSS_SELECTOR, "#grid figcaption .score")]
+    assert scores == [f"{m['score']:.4f}" for m in search["results"][0]["matches"]]
 
     browser.find_element(By.ID, "search-file").send_keys(str(real_images["rocket"]))
-    wait(browser, lambda d: d.find_element(By.CSS_SELECTOR, "#grid figcaption").text.startswith("1. rocket.jpg"))
+    wait(browser, lambda d: d.find_element(By.CSS_SELECTOR, "#grid figcaption .name").text == "1. rocket.jpg")
     assert len(wait(browser, lambda d: d.execute_script(THUMBNAILS_RENDERED))) == 4
     assert "the photo rocket.jpg" in browser.find_element(By.ID, "search-note").text
 

@@ -135,9 +135,16 @@ async function search(request) {
       img.alt = m.id;
       img.loading = "lazy";
       const caption = document.createElement("figcaption");
-      const name = String(m.path || m.id).split("/").pop();
-      caption.textContent = `${m.rank}. ${name} · ${m.score.toFixed(4)}`;
-      caption.title = m.id;
+      // a record id says more than a file name (demo sets repeat 5.jpg); an id that is the path does not
+      const name = m.id && m.id !== m.path ? String(m.id) : String(m.path || m.id).split("/").pop();
+      const label = document.createElement("span");
+      label.className = "name";
+      label.textContent = `${m.rank}. ${name}`;
+      const score = document.createElement("span");
+      score.className = "score";
+      score.textContent = m.score.toFixed(4);
+      caption.append(label, score);
+      caption.title = `${m.id} (${m.score.toFixed(4)})`;
       figure.append(img, caption);
       $("grid").append(figure);
     }
