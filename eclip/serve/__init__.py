@@ -11,6 +11,7 @@ is reported at once.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
 import signal
 import socket
@@ -76,9 +77,15 @@ def model_info(matcher) -> dict:
     identity = matcher.model.identity()
 
     def name(value):
-        return os.path.basename(str(value)) if value and os.path.exists(str(value)) else value
+        text = str(value or "")
+        if not text or text.startswith("hf-hub:"):
+            return value
+        if text.startswith("local-dir:"):
+            return "local-dir:" + os.path.basename(text[len("local-dir:"):].rstrip("/"))
+        return os.path.basename(text.rstrip("/")) if os.sep in text or os.path.exists(text) else text
 
-    return {"name": matcher.model.config.clip_name, "model": name(identity.get("model")),
+    config = getattr(matcher.model, "config", None)
+    return {"name": getattr(config, "clip_name", None), "model": name(identity.get("model")),
             "pretrained": name(identity.get("pretrained")), "checkpoint": name(identity.get("checkpoint")),
             "checkpoint_sha256": identity.get("checkpoint_sha256"), "device": str(matcher.device),
             "precision": matcher.precision}
@@ -95,6 +102,8 @@ class Server:
         self.socket = sock or bind(options.host, options.port)
         host, port = self.socket.getsockname()[:2]
         self.url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+        self.guarded = bool(token)
+        self.socket_is_loopback = ipaddress.ip_address(host.split("%")[0]).is_loopback
         batcher = Batcher(matcher, max_wait=options.batch_wait_ms / 1000, max_images=options.max_batch)
         if store is not None:   # read the vectors and tables now, not in the first request
             for kind in ("images", "texts"):
@@ -110,6 +119,9 @@ class Server:
     def _started(self):
         from eclip.serve.guards import write_line
         write_line(f"eclip serve: listening on {self.url} (Ctrl-C to stop)")
+        if not self.guarded and not self.socket_is_loopback:
+            write_line("eclip serve: warning: not on a loopback address and no --token-env: anyone who can "
+                       "reach this port can use the model and read the gallery")
         self.started.set()
 
     def run(self) -> None:

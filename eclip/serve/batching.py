@@ -44,7 +44,7 @@ class Batcher:
         self._arriving = 0
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="eclip-serve-model", daemon=True)
-        self.stats = {"jobs": 0, "batches": 0, "largest_batch": 0}
+        self.stats = {"jobs": 0, "batches": 0, "largest_batch": 0, "busy_s": 0.0}
 
     def start(self) -> "Batcher":
         self._thread.start()
@@ -108,7 +108,9 @@ class Batcher:
             self.stats["batches"] += 1
             self.stats["jobs"] += len(batch)
             self.stats["largest_batch"] = max(self.stats["largest_batch"], len(batch))
+            start = time.perf_counter()
             self._encode(batch)
+            self.stats["busy_s"] += time.perf_counter() - start
 
     def _encode(self, batch: list[Job]) -> None:
         pixels, good = [], []
