@@ -74,16 +74,16 @@ class Captions:
             return f"{self.prefix} photograph number {self.n} of the archive"
 
 
-def bare_forward(matcher, pixels, captions, repeat: int, on_thread: bool = False) -> list[float]:
-    """Seconds of encode_pixels([one image]) + encode_texts([one new caption]), `repeat` times,
-    on this thread or on a new one (where the server runs its model)."""
+def bare_forward(matcher, pixels, captions, repeat: int, on_thread: bool = False, batch: int = 1) -> list[float]:
+    """Seconds of encode_pixels([`batch` images]) + encode_texts([`batch` new captions]), `repeat`
+    times, on this thread or on a new one (where the server runs its model)."""
     times = []
 
     def run():
         for _ in range(repeat):
             start = time.perf_counter()
-            matcher.encode_pixels([pixels])
-            matcher.encode_texts([captions()])
+            matcher.encode_pixels([pixels] * batch)
+            matcher.encode_texts([captions() for _ in range(batch)])
             times.append(time.perf_counter() - start)
 
     if on_thread:
@@ -161,11 +161,13 @@ def main() -> int:
         pixels = matcher.model.preprocess(load_image(io.BytesIO(images[0][1])))
         captions = Captions("bench")
         forward = {"main thread": [], "a worker thread": []}
+        batched = []     # the model's own batch-8 cost: the ceiling of what batching can give here
 
         def measure():
             for where in forward:
                 forward[where] += bare_forward(matcher, pixels, captions, args.forward_repeat,
                                                on_thread=where != "main thread")
+            batched.extend(t / 8 for t in bare_forward(matcher, pixels, captions, 1, on_thread=True, batch=8))
 
         bare_forward(matcher, pixels, captions, 3)                                   # warm-up
         measure()
@@ -208,6 +210,9 @@ def main() -> int:
               f"between the two processes)")
     if one and many:
         print(f"requests/s at {many['clients']} clients / at 1 client: {many['rps'] / one['rps']:.2f}x (goal >= 2x)")
+    ceiling = statistics.median(forward["a worker thread"]) / statistics.median(batched)
+    print(f"ceiling on this machine: the bare model's throughput at batch 8 / at batch 1 (worker thread): "
+          f"{ceiling:.2f}x")
     print(f"load after: {load_average()}")
     return 0
 

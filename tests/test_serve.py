@@ -106,6 +106,7 @@ def bad_files(real_images):
     ("json body", (400, "send multipart/form-data")),
     ("malformed multipart", (400, "malformed request")),
     ("too many images", (400, "Too many files")),
+    ("too many captions", (400, "257 captions, at most 256")),
     ("wrong method", (405, "Method Not Allowed: GET /match")),
 ])
 def test_match_refuses_bad_input_with_a_json_4xx_and_keeps_serving(live_server, real_images, bad_files, case, expect):
@@ -128,6 +129,7 @@ def test_match_refuses_bad_input_with_a_json_4xx_and_keeps_serving(live_server, 
         "malformed multipart": dict(content=b"--zz\r\n\r\nno boundary declared",
                                     headers={"content-type": "multipart/form-data"}),
         "too many images": dict(files=one * 17, data={"caption": "x"}),
+        "too many captions": dict(files=one, data={"caption": [f"c{k}" for k in range(257)]}),
     }
     if case == "wrong method":
         response = httpx.get(f"{url}/match", timeout=30)

@@ -176,6 +176,8 @@ async def match(request: Request, state: ServerState, limiter):
                 raise RequestError(400, "no image: send one or more files in the field 'image'")
             if not captions:
                 raise RequestError(400, "no caption: send one or more fields 'caption'")
+            if len(captions) > MAX_CAPTIONS:
+                raise RequestError(400, f"{len(captions)} captions, at most {MAX_CAPTIONS} in one request")
             images, names = await _decode(uploads, state, limiter)
         matcher = state.batcher.matcher
         future = arrival.submit(images, captions, lambda fi, ft: pairs_result(matcher, names, fi, captions, ft))
