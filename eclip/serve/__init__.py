@@ -84,8 +84,8 @@ def model_info(matcher) -> dict:
             return "local-dir:" + os.path.basename(text[len("local-dir:"):].rstrip("/"))
         return os.path.basename(text.rstrip("/")) if os.sep in text or os.path.exists(text) else text
 
-    config = getattr(matcher.model, "config", None)
-    return {"name": getattr(config, "clip_name", None), "model": name(identity.get("model")),
+    return {"name": name(getattr(matcher.model, "name", None)), "engine": getattr(matcher.model, "engine", None),
+            "model": name(identity.get("model")),
             "pretrained": name(identity.get("pretrained")), "checkpoint": name(identity.get("checkpoint")),
             "checkpoint_sha256": identity.get("checkpoint_sha256"), "device": str(matcher.device),
             "precision": matcher.precision}
