@@ -165,7 +165,8 @@ class TrainConfig:
     val_fraction: Optional[float] = None  # share of --dataset's images held out for validation (the default,
                                           # 0.05, when a file has no val file beside it)
     no_val: bool = False                  # no validation: best.safetensors is the last model
-    explanations: Optional[str] = None    # explanation cache from `eclip explain`
+    explanations: Optional[str] = None    # `eclip explain` cache, or the authors' CapDsc_mistral file
+    image_folder: Optional[str] = None    # a benchmark's image folder where it offers a choice (GoodNews: resized)
     train_split: str = "train"
     val_split: str = "val"
     model: Optional[str] = None

@@ -101,12 +101,13 @@ def text_inputs(arg) -> list[dict]:
     return items
 
 
-def dataset_inputs(dataset: str, data_root=None, split: str = "test") -> tuple[list[dict], list[dict]]:
+def dataset_inputs(dataset: str, data_root=None, split: str = "test",
+                   image_folder: str | None = None) -> tuple[list[dict], list[dict]]:
     """One image row per image file (in the order records first name it; id = its path, as with
     --images) and one text row per record with the record id and its image's path (the ground
     truth evaluate --embeddings rebuilds)."""
     from eclip.data.readers import read_dataset
-    records = read_dataset(dataset, data_root, split)
+    records = read_dataset(dataset, data_root, split, image_folder=image_folder)
     if not records:
         raise EclipError(f"--dataset {dataset}: no records in split {split}")
     images = [{"id": path, "path": path} for path in dict.fromkeys(r.image for r in records)]
@@ -134,7 +135,7 @@ def _text_fingerprint(item: dict) -> str:
 def embed(spec, output, *, images=None, texts=None, dataset=None, data_root=None, split: str = "test",
           dtype: str = "fp16", shard_size: int = DEFAULT_SHARD_SIZE, batch_size: int = DEFAULT_BATCH_SIZE,
           workers: int | None = None, overwrite: bool = False, layout: str = "eclip",
-          engine: str | None = None) -> dict:
+          engine: str | None = None, image_folder: str | None = None) -> dict:
     """Embed images and/or captions into OUTPUT, in eclip's own layout (eclip.embedstore) or
     clip-retrieval's (eclip.clip_retrieval). Re-running resumes.
 
@@ -157,7 +158,7 @@ def embed(spec, output, *, images=None, texts=None, dataset=None, data_root=None
         raise EclipError(f"--output {output}: exists and is not a folder")
 
     if dataset:
-        image_items, text_items = dataset_inputs(dataset, data_root, split)
+        image_items, text_items = dataset_inputs(dataset, data_root, split, image_folder)
         from eclip.data.readers import dataset_label
         name, named_split = dataset_label(dataset, split)
         source = {"dataset": name, "split": named_split, "data_root": str(data_root) if data_root else None}

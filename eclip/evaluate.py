@@ -82,7 +82,8 @@ def build_gallery(records, on_file=None) -> Gallery:
 
 def evaluate(spec=None, dataset: str | None = None, data_root=None, split: str = "test", *,
              recall_k: Sequence[int] = DEFAULT_RECALL_K, batch_size: int = 64, chunk_size: int | None = None,
-             dump_ranks=None, workers: int | None = None, model=None, records=None) -> dict:
+             dump_ranks=None, workers: int | None = None, model=None, records=None,
+             image_folder: str | None = None) -> dict:
     """Embed a split with a model and return the metrics report (see `evaluate_features`).
 
     `spec` (eclip.config.ModelSpec) is loaded with eclip.model.factory.load_model unless an
@@ -98,7 +99,7 @@ def evaluate(spec=None, dataset: str | None = None, data_root=None, split: str =
         if not dataset:
             raise EclipError("--dataset is required (n24news, visualnews, goodnews or a .jsonl / .csv file)")
         from eclip.data.readers import read_dataset
-        records = read_dataset(dataset, data_root, split)
+        records = read_dataset(dataset, data_root, split, image_folder=image_folder)
     if not records:
         raise EclipError(f"--dataset {dataset} --split {split}: no records to evaluate")
     if model is None:

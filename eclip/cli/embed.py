@@ -9,8 +9,8 @@ import typer
 from typing_extensions import Annotated
 
 from eclip.cli import app
-from eclip.cli.options import (Checkpoint, DataRoot, Dataset, Device, Engine, EngineOpt, Model, Precision,
-                               PrecisionOpt, Pretrained, Seed, Split, model_spec, user_errors)
+from eclip.cli.options import (Checkpoint, DataRoot, Dataset, Device, Engine, EngineOpt, ImageFolder, Model,
+                               Precision, PrecisionOpt, Pretrained, Seed, Split, model_spec, user_errors)
 
 
 class Dtype(str, Enum):
@@ -56,6 +56,7 @@ def embed(
     dataset: Dataset = None,
     data_root: DataRoot = None,
     split: Split = "test",
+    image_folder: ImageFolder = None,
     dtype: Annotated[Dtype, typer.Option("--dtype", help="Storage type of the vectors.")] = Dtype.fp16,
     layout: Annotated[Layout, typer.Option(
         "--format", help="eclip: the layout match --gallery and evaluate --embeddings read. clip-retrieval: "
@@ -83,7 +84,7 @@ def embed(
         summary = run(model_spec(model, pretrained, checkpoint, device, precision, seed), output, images=images,
                       texts=texts, dataset=dataset, data_root=data_root, split=split, dtype=dtype.value,
                       shard_size=shard_size, batch_size=batch_size, workers=workers, overwrite=overwrite,
-                      layout=layout.value, engine=engine.value)
+                      layout=layout.value, engine=engine.value, image_folder=image_folder)
         if summary["rank"] != 0:
             return
         if json_:

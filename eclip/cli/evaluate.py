@@ -8,8 +8,8 @@ import typer
 from typing_extensions import Annotated
 
 from eclip.cli import app
-from eclip.cli.options import (DATA_PANEL, Checkpoint, DataRoot, Dataset, Device, Json, Model, Precision, PrecisionOpt,
-                               Pretrained, Seed, Split, model_spec, user_errors)
+from eclip.cli.options import (DATA_PANEL, Checkpoint, DataRoot, Dataset, Device, ImageFolder, Json, Model, Precision,
+                               PrecisionOpt, Pretrained, Seed, Split, model_spec, user_errors)
 from eclip.errors import EclipError
 
 OUTPUT_PANEL = "Output"
@@ -23,6 +23,7 @@ def evaluate(
     dataset: Dataset = None,
     data_root: DataRoot = None,
     split: Split = "test",
+    image_folder: ImageFolder = None,
     model: Model = None,
     pretrained: Pretrained = None,
     checkpoint: Checkpoint = None,
@@ -58,7 +59,8 @@ def evaluate(
             if not dataset:
                 raise EclipError("--dataset is required (n24news, visualnews, goodnews or a .jsonl / .csv file), "
                                  "or --embeddings DIR")
-            result = run(spec, dataset, data_root, split, recall_k=ks, batch_size=batch_size, dump_ranks=dump_ranks)
+            result = run(spec, dataset, data_root, split, recall_k=ks, batch_size=batch_size, dump_ranks=dump_ranks,
+                         image_folder=image_folder)
         if output is not None:
             from eclip.atomic import write_text
             write_text(output, json.dumps(result, indent=2, ensure_ascii=False) + "\n")

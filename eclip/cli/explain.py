@@ -9,7 +9,7 @@ import typer
 from typing_extensions import Annotated
 
 from eclip.cli import app
-from eclip.cli.options import (DATA_PANEL, MODEL_PANEL, DataRoot, Dataset, Device, Json, Precision,
+from eclip.cli.options import (DATA_PANEL, MODEL_PANEL, DataRoot, Dataset, Device, ImageFolder, Json, Precision,
                                PrecisionOpt, Split, user_errors)
 from eclip.errors import EclipError
 
@@ -27,6 +27,7 @@ def explain(
     dataset: Dataset = None,
     data_root: DataRoot = None,
     split: Split = "train",
+    image_folder: ImageFolder = None,
     texts: Annotated[Optional[Path], typer.Option(
         "--texts", rich_help_panel=DATA_PANEL, show_default=False, help="A UTF-8 text file with one caption per line "
                                                     "(instead of --dataset).")] = None,
@@ -73,7 +74,7 @@ def explain(
         from eclip.explain.prompt import load_template
 
         template = load_template(prompt_template)
-        records = _inputs(dataset, data_root, split, texts)
+        records = _inputs(dataset, data_root, split, texts, image_folder)
         backend = _backend(llm, endpoint, api_key_env, concurrency, timeout, retries, batch_size, device,
                            precision, max_new_tokens, seed)
         summary = explain_records(records, backend, output, template, limit=limit, dry_run=dry_run)
@@ -82,7 +83,7 @@ def explain(
         _report(summary, dry_run, json_output)
 
 
-def _inputs(dataset, data_root, split, texts):
+def _inputs(dataset, data_root, split, texts, image_folder=None):
     if dataset and texts:
         raise EclipError("give --dataset or --texts, not both")
     if texts:
@@ -99,7 +100,7 @@ def _inputs(dataset, data_root, split, texts):
         return captions
     if dataset:
         from eclip.data.readers import read_dataset
-        return read_dataset(dataset, data_root, split)
+        return read_dataset(dataset, data_root, split, image_folder=image_folder)
     raise EclipError("nothing to explain: give --dataset NAME_OR_FILE [--split ...] or --texts FILE")
 
 

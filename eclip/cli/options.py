@@ -66,9 +66,15 @@ DataRoot = Annotated[Optional[Path], typer.Option(
          "or ~/.cache/eclip/data/<dataset>.")]
 Split = Annotated[str, typer.Option(
     "--split", rich_help_panel=DATA_PANEL, help="train | val | test (N24News's 'dev' is accepted for val).")]
+ImageFolder = Annotated[Optional[str], typer.Option(
+    "--image-folder", rich_help_panel=DATA_PANEL, metavar="NAME",
+    help="A benchmark's image folder where its layout offers a choice: GoodNews reads images/ (the originals) "
+         "unless this says resized (the 256x256 copies of its resize.py, then for every image). "
+         "N24News: imgs or images.")]
 Explanations = Annotated[Optional[Path], typer.Option(
     "--explanations", rich_help_panel=DATA_PANEL, show_default=False,
-    help="Explanation cache written by `eclip explain` (JSONL).")]
+    help="Explanation cache written by `eclip explain` (JSONL), or the EntityCLIP authors' "
+         "CapDsc_mistral_{split}.json (one JSON object: image file name -> explanation).")]
 Json = Annotated[bool, typer.Option("--json", help="Print the result as one JSON object on stdout.")]
 
 

@@ -9,8 +9,8 @@ import typer
 from typing_extensions import Annotated
 
 from eclip.cli import app
-from eclip.cli.options import (Checkpoint, DataRoot, Dataset, Device, Explanations, Json, Model, Precision,
-                               Pretrained, model_spec, user_errors)
+from eclip.cli.options import (Checkpoint, DataRoot, Dataset, Device, Explanations, ImageFolder, Json, Model,
+                               Precision, Pretrained, model_spec, user_errors)
 
 OPT, EXP, RUN = "Optimisation (defaults: METHOD.md)", "EntityCLIP", "Run"
 
@@ -62,6 +62,7 @@ def train(
     no_val: Annotated[OptBool, _opt(
         "Data", None, "Train without validation: best.safetensors is the last model.", "--no-val")] = None,
     explanations: Explanations = None,
+    image_folder: ImageFolder = None,
     model: Model = None,
     pretrained: Pretrained = None,
     checkpoint: Checkpoint = None,
@@ -109,7 +110,8 @@ def train(
         given = {
             "dataset": dataset, "data_root": str(data_root) if data_root else None, "val_dataset": val_dataset,
             "val_fraction": val_fraction, "no_val": no_val,
-            "explanations": str(explanations) if explanations else None, "model": spec.model,
+            "explanations": str(explanations) if explanations else None, "image_folder": image_folder,
+            "model": spec.model,
             "pretrained": spec.pretrained, "checkpoint": spec.checkpoint, "device": spec.device,
             "precision": spec.precision, "epochs": epochs, "batch_size": batch_size, "lr": lr,
             "weight_decay": weight_decay, "warmup_steps": warmup_steps, "grad_accum": grad_accum, "seed": seed,

@@ -1,4 +1,5 @@
-"""Readers: benchmark folders in their published layouts, or the user's own table, to records.
+"""Readers: benchmark folders (one module each in eclip/data/benchmarks/), or the user's own
+table, to records. The checks shared by every reader live here.
 
 Every reader returns `Record`s with absolute image paths and fails at once, in one
 line, on a missing folder, a malformed file or an image path that leaves the data
@@ -14,10 +15,9 @@ import os
 from pathlib import Path
 from typing import Optional
 
+from eclip.data.benchmarks import BENCHMARKS
 from eclip.data.records import Record
 from eclip.errors import EclipError, json_problem
-
-BENCHMARKS = ("n24news", "visualnews", "goodnews")
 
 
 def default_data_root(name: str) -> Path:
@@ -27,18 +27,25 @@ def default_data_root(name: str) -> Path:
 
 
 def read_dataset(dataset: str, data_root: Optional[Path] = None, split: str = "train",
-                 explanations: Optional[Path] = None) -> list[Record]:
-    """Records of a benchmark split, or of a .jsonl / .csv file (whose `split` is ignored:
-    one file is one set of pairs).
+                 explanations: Optional[Path] = None, image_folder: Optional[str] = None) -> list[Record]:
+    """Records of a benchmark split (eclip.data.benchmarks detects the layout on disk), or of a
+    .jsonl / .csv file (whose `split` is ignored: one file is one set of pairs).
 
-    With `explanations`, the cache written by `eclip explain` fills each record's explanation.
+    With `explanations`, an `eclip explain` cache or the EntityCLIP authors' CapDsc_mistral file
+    fills each record's explanation (eclip.data.explanations). `image_folder` picks a benchmark's
+    image folder where its layout offers a choice (GoodNews: images or resized).
     """
     name = str(dataset).lower()
+    key_parts = 1
     if name in BENCHMARKS:
+        from eclip.data.benchmarks import authors_key_parts, read_benchmark
         root = Path(data_root).expanduser() if data_root else default_data_root(name)
-        reader = {"n24news": read_n24news, "visualnews": read_visualnews, "goodnews": read_goodnews}[name]
-        records = reader(root, split)
+        records = read_benchmark(name, root, split, image_folder)
+        key_parts = authors_key_parts(name)
     elif Path(dataset).suffix.lower() in (".jsonl", ".csv"):
+        if image_folder is not None:
+            raise EclipError(f"--image-folder {image_folder}: only for a benchmark; a file's image paths "
+                             "say where its images are")
         records = read_table(dataset)
     else:
         raise EclipError(f"--dataset {dataset}: neither a benchmark ({', '.join(BENCHMARKS)}) "
@@ -46,8 +53,8 @@ def read_dataset(dataset: str, data_root: Optional[Path] = None, split: str = "t
     if explanations is not None:
         from eclip.console import note
         from eclip.data.explanations import attach_explanations
-        records, missing = attach_explanations(records, explanations)
-        note(f"explanations: {len(records) - missing} of {len(records)} records from {explanations}; "
+        records, missing, kind = attach_explanations(records, explanations, key_parts)
+        note(f"explanations: {len(records) - missing} of {len(records)} records from {explanations} ({kind}); "
              f"{missing} fall back to their caption")
     return records
 
@@ -58,82 +65,6 @@ def dataset_label(dataset, split: Optional[str]) -> tuple[Optional[str], Optiona
     if dataset is None or str(dataset).lower() in BENCHMARKS:
         return dataset, split
     return os.path.abspath(str(dataset)), None
-
-
-# --- the three benchmarks ----------------------------------------------------------------
-
-def read_n24news(root, split: str = "train") -> list[Record]:
-    """N24News: ROOT/news/nytimes_{train,dev,test}.json (a JSON list), images ROOT/imgs/{image_id}.jpg.
-
-    The text is the caption, not the headline: captions are what name the pictured entities.
-    """
-    layout = "expected news/nytimes_{train,dev,test}.json and imgs/{image_id}.jpg"
-    root = _root(root, "N24News", layout)
-    name = {"train": "train", "val": "dev", "dev": "dev", "test": "test"}.get(split)
-    if name is None:
-        raise EclipError(f"N24News: unknown split {split!r} (train, val/dev or test)")
-    path = _split_file(root / "news" / f"nytimes_{name}.json", "N24News", layout)
-    items = _json_list(path, ("image_id", "caption"))
-    records = [Record(str(d["image_id"]), _inside(root, f"imgs/{d['image_id']}.jpg", path), d["caption"])
-               for d in items if _has_caption(d, path)]
-    return _checked(records, path, len(items))
-
-
-def read_visualnews(root, split: str = "train") -> list[Record]:
-    """VisualNews: ROOT/{train,val,test}.json (a JSON list), each record's image_path
-    ("./bbc/images/0537/663.jpg") relative to ROOT."""
-    layout = "expected {train,val,test}.json with image_path relative to the data root"
-    root = _root(root, "VisualNews", layout)
-    name = {"train": "train", "val": "val", "dev": "val", "test": "test"}.get(split)
-    if name is None:
-        raise EclipError(f"VisualNews: unknown split {split!r} (train, val/dev or test)")
-    path = _split_file(root / f"{name}.json", "VisualNews", layout)
-    items = _json_list(path, ("id", "caption", "image_path"))
-    records = [Record(str(d["id"]), _inside(root, d["image_path"], path), d["caption"])
-               for d in items if _has_caption(d, path)]
-    return _checked(records, path, len(items))
-
-
-def read_goodnews(root, split: str = "train") -> list[Record]:
-    """GoodNews: ROOT/captioning_dataset.json ({article_id: {"images": {index: caption}, ...}}),
-    ROOT/img_splits.json ({"{article_id}_{index}[.jpg]": "train"|"val"|"test"}), and images
-    {article_id}_{index}.jpg in ROOT/resized/ or else ROOT/images/.
-
-    GoodNews's own scripts download originals into images/ and its preprocessing
-    (resize.py, then its training) reads resized/ (256x256); the prepared copy is
-    preferred when both are there. Images that img_splits.json does not list belong
-    to no split and are left out.
-    """
-    layout = "expected captioning_dataset.json, img_splits.json and resized/ or images/"
-    root = _root(root, "GoodNews", layout)
-    name = {"train": "train", "val": "val", "dev": "val", "test": "test"}.get(split)
-    if name is None:
-        raise EclipError(f"GoodNews: unknown split {split!r} (train, val/dev or test)")
-    data_path = _split_file(root / "captioning_dataset.json", "GoodNews", layout)
-    splits_path = _split_file(root / "img_splits.json", "GoodNews", layout)
-    folder = next((f for f in ("resized", "images") if (root / f).is_dir()), None)
-    if folder is None:
-        raise EclipError(f"{root}: GoodNews image folder not found ({layout})")
-    splits = _load_json(splits_path)
-    if not isinstance(splits, dict):
-        raise EclipError(f"{splits_path}: expected a JSON object {{image name: split}}")
-    wanted = {str(k).removesuffix(".jpg") for k, v in splits.items() if v == name}
-    articles = _load_json(data_path)
-    if not isinstance(articles, dict):
-        raise EclipError(f"{data_path}: expected a JSON object keyed by article id")
-    records, seen = [], 0
-    for article_id, article in articles.items():
-        images = article.get("images") if isinstance(article, dict) else None
-        if not isinstance(images, dict):
-            raise EclipError(f"{data_path}: article {article_id!r} lacks an 'images' object")
-        for index, caption in images.items():
-            image_id = f"{article_id}_{index}"
-            if image_id not in wanted:
-                continue
-            seen += 1
-            if isinstance(caption, str) and caption.strip():
-                records.append(Record(image_id, _inside(root, f"{folder}/{image_id}.jpg", data_path), caption))
-    return _checked(records, data_path, seen)
 
 
 # --- the user's own pairs ----------------------------------------------------------------
