@@ -190,6 +190,7 @@ class TrainConfig:
     shared_experts: Optional[int] = None
     no_experts: bool = False              # plain CLIP fine-tuning: the baseline
     workers: int = 4
+    select_by: str = "rsum"               # best.safetensors: highest val rsum, or "val-loss" (lowest, the reference)
     eval_every: int = 0                   # 0: validate at the end of each epoch only
     save_every: int = 0                   # 0: save the resumable state at the end of each epoch only
     log_every: int = 10

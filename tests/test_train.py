@@ -127,6 +127,17 @@ def test_unreadable_images_are_skipped_counted_and_listed(tmp_path, flags):
     assert saved["val_dataset"] == str(data / "val.jsonl") and saved["batch_size"] == 12
 
 
+def test_best_is_the_first_highest_val_rsum_and_both_figures_are_logged(reference):
+    run, summary = reference
+    val = [r for r in log_lines(run) if r["kind"] == "val"]
+    assert val and all("val_loss" in r and "rsum" in r for r in val)
+    best = max(val, key=lambda r: r["rsum"])                 # max returns the first of equals
+    assert (summary["select_by"], summary["best_step"], summary["best_val_rsum"]) == ("rsum", best["step"], best["rsum"])
+    # the flags carry no explanation: every pair trains with its caption in its place, and the run says so
+    assert summary["captions_as_explanations"] == summary["train_pairs"] == 48
+    assert json.loads((run / "config.json").read_text())["captions_as_explanations"] == 48
+
+
 def test_a_new_run_never_writes_into_an_old_one(tmp_path, flags):
     run = tmp_path / "run"
     run.mkdir()

@@ -21,7 +21,8 @@ The same command runs on CPU, one GPU, or many under `torchrun --nproc_per_node 
 contrastive negatives are gathered across them, so N processes train like one with the same batch.
 
 RUN_DIR (--output) receives config.json, log.jsonl, skipped.jsonl, best.safetensors (the first
-validation with the highest val rsum = R@1+5+10 of both directions; later ties do not replace it),
+validation with the highest val rsum = R@1+5+10 of both directions, or the lowest val loss with
+--select-by val-loss; later ties do not replace it),
 last.safetensors, curves.png, summary.json and state/ (saved atomically each epoch and every
 --save-every steps). `eclip train --resume RUN_DIR` continues exactly where the last state left off.
 """
@@ -90,6 +91,10 @@ def train(
     shared_experts: Annotated[OptInt, _int(EXP, "4", min=0)] = None,
     no_experts: Annotated[OptBool, _opt(EXP, None, "Plain CLIP fine-tuning (contrastive loss only): the "
                                                    "baseline to compare EntityCLIP with.", "--no-experts")] = None,
+    select_by: Annotated[Optional[str], _opt(
+        RUN, "rsum", "Which validation makes best.safetensors: rsum (highest val rsum) or val-loss (lowest "
+        "validation contrastive loss, the reference's rule). Both are logged at every validation.",
+        "--select-by", metavar="rsum|val-loss")] = None,
     workers: Annotated[OptInt, _int(RUN, "4", "Image-loading processes.", min=0)] = None,
     eval_every: Annotated[OptInt, _int(RUN, "0", "Also validate every N optimizer steps (0: at the end of "
                                                  "each epoch only).", min=0)] = None,
@@ -103,6 +108,8 @@ def train(
     with user_errors():
         from eclip.config import TrainConfig
         from eclip.errors import EclipError
+        if select_by not in (None, "rsum", "val-loss"):      # before torch is imported
+            raise EclipError(f"--select-by {select_by}: one of rsum, val-loss")
         from eclip.train.inputs import check_inputs
         from eclip.train.rundir import resume_config
 
@@ -117,7 +124,8 @@ def train(
             "weight_decay": weight_decay, "warmup_steps": warmup_steps, "grad_accum": grad_accum, "seed": seed,
             "lock_image": lock_image, "lock_text": lock_text, "eta": eta, "lam": lam,
             "vision_experts": vision_experts, "text_experts": text_experts, "shared_experts": shared_experts,
-            "no_experts": no_experts, "workers": workers, "eval_every": eval_every, "save_every": save_every,
+            "no_experts": no_experts, "select_by": select_by, "workers": workers, "eval_every": eval_every,
+            "save_every": save_every,
             "log_every": log_every, "tensorboard": tensorboard,
         }
         if resume is not None:
@@ -150,13 +158,17 @@ def _print(summary: dict, as_json: bool) -> None:
         return
     from rich.table import Table
     table = Table(title="eclip train", show_header=False)
-    best = summary["best_val_rsum"]
-    rows = [("best val rsum", "-" if best is None else f"{best:.2f}"),
+    best, loss = summary["best_val_rsum"], summary.get("best_val_loss")
+    rows = [("best checkpoint by", "lowest val loss" if summary.get("select_by") == "val-loss" else "highest val rsum"),
+            ("its val rsum / val loss", "-" if best is None else f"{best:.2f} / "
+             + ("-" if loss is None else f"{loss:.4f}")),
             ("at epoch / step", f"{summary['best_epoch']} / {summary['best_step']}")]
     last = summary.get("last_val") or {}
     for key, label in (("t2i_r1", "last val R@1 text->image"), ("i2t_r1", "last val R@1 image->text")):
         if key in last:
             rows.append((label, f"{last[key]:.2f}"))
+    if summary.get("captions_as_explanations"):
+        rows.append(("captions as explanations", f"{summary['captions_as_explanations']} of {summary['train_pairs']}"))
     rows += [("steps", str(summary["steps"])), ("skipped images", str(summary["skipped_images"])),
              ("time", f"{summary['elapsed_s']:.1f} s"), ("best checkpoint", summary["best_checkpoint"]),
              ("last checkpoint", summary["last_checkpoint"]), ("log", summary["log"]),

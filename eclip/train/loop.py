@@ -22,6 +22,7 @@ from eclip.train.rundir import RunDir, with_absolute_paths
 from eclip.train.step import clamp_logit_scale, common_batch, forward_backward, negatives_generator
 
 LOSSES = ("loss", "vtc", "gfm", "vtc_star")
+SELECT_BY = ("rsum", "val-loss")
 
 
 def train(cfg: TrainConfig, resume: bool = False, splits=None) -> dict:
@@ -29,7 +30,8 @@ def train(cfg: TrainConfig, resume: bool = False, splits=None) -> dict:
     saved state (the same next batch, learning rate and random streams).
 
     best.safetensors is the model at the validation with the highest val rsum (R@1+5+10 of
-    both directions); a later validation that only ties it does not replace it.
+    both directions), or with `select_by="val-loss"` the lowest validation contrastive loss
+    (the reference's rule); a later validation that only ties it does not replace it.
     last.safetensors is the model at the latest saved state.
     `splits`: (train records, val records) already read by eclip.train.inputs.check_inputs.
     """
@@ -57,6 +59,8 @@ class Trainer:
         from eclip.train.setup import make_accelerator
         if not cfg.dataset:
             raise EclipError("--dataset is required (or --resume RUN_DIR to continue a run)")
+        if cfg.select_by not in SELECT_BY:
+            raise EclipError(f"--select-by {cfg.select_by}: one of {', '.join(SELECT_BY)}")
         self.run = RunDir(cfg.output)
         self.acc = acc = make_accelerator(cfg)
         self.main = acc.is_main_process
@@ -83,9 +87,16 @@ class Trainer:
         model = build_model(cfg)
         self.train_records, self.val_records = splits or read_splits(cfg)
         self.cfg = cfg
+        # EntityCLIP never trains on captions-as-explanations unannounced (plain CLIP reads no explanation)
+        self.fallback = sum(1 for r in self.train_records if not r.explanation) if model.experts is not None else None
+        self.facts = {"train_pairs": len(self.train_records), "captions_as_explanations": self.fallback}
+        if self.fallback:
+            announce(f"EntityCLIP: {self.fallback} of {len(self.train_records)} training pairs have no explanation; "
+                     "their caption stands in for it" + ("" if cfg.explanations else
+                                                          " (no --explanations file was given)"), self.main)
         acc.wait_for_everyone()          # every process checked the folder before it is written
         if self.main:
-            self.run.write_config(cfg)   # on resume too: changed --epochs etc. hold for the next resume
+            self.run.write_config(cfg, self.facts)   # on resume too: changed --epochs etc. hold for the next resume
             if resume:
                 self.run.clean_state()
         acc.wait_for_everyone()
@@ -119,7 +130,8 @@ class Trainer:
 
     def _restore(self, resume: bool):
         """Trainer record (step, epoch, best so far, ...) and, when resuming, the last saved state."""
-        self.t = {"step": 0, "epoch": 0, "batch": 0, "best_rsum": None, "best_epoch": None, "best_step": None,
+        self.t = {"step": 0, "epoch": 0, "batch": 0, "best_rsum": None, "best_loss": None, "best_epoch": None,
+                  "best_step": None,
                   "val": None, "samples": 0, "elapsed_s": 0.0, "log_bytes": 0, "skipped_bytes": 0,
                   "skipped_train": [], "skipped_val": []}
         latest = self.run.latest_state() if resume else None
@@ -231,19 +243,25 @@ class Trainer:
         if cfg.no_val:
             return     # _save writes best.safetensors as the last model
         metrics, skipped = validate(self.acc, self.model, self.val_set, self.val_ids,
-                                    max(1, cfg.batch_size // self.acc.num_processes), cfg.workers)
+                                    max(1, cfg.batch_size // self.acc.num_processes), cfg.workers,
+                                    loss_chunk=2 * cfg.batch_size)
         self._skipped(skipped, self.val_records, "skipped_val")
         if metrics is None:
             announce(f"step {t['step']}: no readable validation image; nothing to compare", self.main)
             return
         values = {"step": t["step"], "epoch": epoch, **metrics}
-        best = t["best_rsum"] is None or metrics["rsum"] > t["best_rsum"]
+        if cfg.select_by == "val-loss":
+            best = t["best_step"] is None or metrics["val_loss"] < t["best_loss"]
+        else:
+            best = t["best_step"] is None or metrics["rsum"] > t["best_rsum"]
         t["val"] = values
         if best:
-            t["best_rsum"], t["best_epoch"], t["best_step"] = metrics["rsum"], epoch, t["step"]
+            t["best_rsum"], t["best_loss"] = metrics["rsum"], metrics["val_loss"]
+            t["best_epoch"], t["best_step"] = epoch, t["step"]
             if self.main:
                 save_checkpoint(self.core, self.run / "best.safetensors",
-                                extra={"step": t["step"], "epoch": epoch, "val_rsum": metrics["rsum"]})
+                                extra={"step": t["step"], "epoch": epoch, "val_rsum": metrics["rsum"],
+                                       "val_loss": metrics["val_loss"], "select_by": cfg.select_by})
         self.rec.validation(values, best)
 
     def _save(self) -> None:
@@ -264,12 +282,14 @@ class Trainer:
     def _summary(self) -> dict:
         t, run = self.t, self.run
         summary = {
-            "run_dir": str(run.path), "best_val_rsum": t["best_rsum"], "best_epoch": t["best_epoch"],
+            "run_dir": str(run.path), "select_by": self.cfg.select_by, "best_val_rsum": t["best_rsum"],
+            "best_val_loss": t.get("best_loss"), "best_epoch": t["best_epoch"],
             "best_step": t["best_step"], "last_val": t["val"], "epochs": self.cfg.epochs, "steps": t["step"],
             "pairs_seen": t["samples"], "skipped_images": len(t["skipped_train"]) + len(t["skipped_val"]),
             "elapsed_s": round(time.perf_counter() - self.start, 2),
             "best_checkpoint": str(run / "best.safetensors"), "last_checkpoint": str(run / "last.safetensors"),
             "log": str(run / "log.jsonl"), "skipped_log": str(run / "skipped.jsonl"), "curves": None,
+            **self.facts,
         }
         if self.main:
             self.rec.close()

@@ -42,7 +42,8 @@ class Recorder:
     def validation(self, values: dict, best: bool) -> None:
         self.write("val", values)
         announce(f"epoch {values['epoch']} step {values['step']}: val rsum {values['rsum']:.1f} "
-                 f"(R@1 text->image {values['t2i_r1']:.1f}, image->text {values['i2t_r1']:.1f})"
+                 f"(R@1 text->image {values['t2i_r1']:.1f}, image->text {values['i2t_r1']:.1f}), "
+                 f"val loss {values['val_loss']:.4f}"
                  + ("  best so far" if best else ""), self.enabled)
 
     def log_bytes(self) -> int:

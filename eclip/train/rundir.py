@@ -47,10 +47,12 @@ class RunDir:
             raise EclipError(f"--output {self.path}: already holds a run; continue it with --resume {self.path}, "
                              f"or choose another --output")
 
-    def write_config(self, cfg: TrainConfig) -> None:
+    def write_config(self, cfg: TrainConfig, facts: dict | None = None) -> None:
+        """config.json: the options, and `facts` about the data they read (not options: resume ignores them)."""
         from eclip import __version__
         self.path.mkdir(parents=True, exist_ok=True)
-        write_text(self.config, json.dumps({**cfg.to_dict(), "eclip_version": __version__}, indent=2) + "\n")
+        write_text(self.config, json.dumps({**cfg.to_dict(), **(facts or {}), "eclip_version": __version__},
+                                           indent=2) + "\n")
 
     # ---- state ----
     def latest_state(self) -> tuple[Path, dict] | None:

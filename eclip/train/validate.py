@@ -1,8 +1,10 @@
 """Validation during training: retrieval Recall@1/5/10 both ways on the val pairs, with the
-CLIP towers alone (what `eclip evaluate` measures), spread over the processes."""
+CLIP towers alone (what `eclip evaluate` measures), spread over the processes, and the
+contrastive loss the reference selects its checkpoint by."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
 from eclip.data.dataset import collate_pairs
@@ -41,9 +43,23 @@ def encode_pairs(accelerator, model, dataset, batch_size: int, workers: int):
     return idx[order], img[order], txt[order], skipped
 
 
-def validate(accelerator, model, dataset, group_ids: torch.Tensor, batch_size: int, workers: int):
+def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: float, chunk: int) -> float:
+    """The CLIP loss (symmetric cross-entropy, each pair its own class) over consecutive chunks of
+    `chunk` pairs in dataset order, averaged over chunks: the reference's validation loss (its
+    val loader's batches are twice the training batch, the last one smaller)."""
+    losses = []
+    for s in range(0, img.shape[0], chunk):
+        logits = logit_scale * img[s:s + chunk] @ txt[s:s + chunk].T
+        labels = torch.arange(logits.shape[0], device=logits.device)
+        losses.append((F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2)
+    return float(torch.stack(losses).mean())
+
+
+def validate(accelerator, model, dataset, group_ids: torch.Tensor, batch_size: int, workers: int,
+             loss_chunk: int | None = None):
     """-> (metrics, skipped [(index, reason)]). metrics: t2i_r1/5/10, i2t_r1/5/10 (percent),
-    median ranks, rsum (sum of the six recalls), n_pairs, n_images.
+    median ranks, rsum (sum of the six recalls), val_loss (`contrastive_loss` over chunks of
+    `loss_chunk` pairs, default 2 * batch_size), n_pairs, n_images.
 
     Records showing the same image file (same group id) share one gallery entry, and a
     caption's positive is that entry.
@@ -63,6 +79,8 @@ def validate(accelerator, model, dataset, group_ids: torch.Tensor, batch_size: i
     ranks = retrieval_ranks(txt, img[first], image_of)
     t2i, i2t = recall_summary(ranks.text_to_image), recall_summary(ranks.image_to_text)
     metrics = {f"{d}_r{k}": s[f"R@{k}"] for d, s in (("t2i", t2i), ("i2t", i2t)) for k in (1, 5, 10)}
+    scale = float(model.logit_scale.detach())
     metrics.update(t2i_median_rank=t2i["median_rank"], i2t_median_rank=i2t["median_rank"],
-                   rsum=rsum(ranks), n_pairs=n, n_images=len(first))
+                   rsum=rsum(ranks), val_loss=contrastive_loss(img, txt, scale, loss_chunk or 2 * batch_size),
+                   n_pairs=n, n_images=len(first))
     return metrics, skipped
