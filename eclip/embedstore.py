@@ -454,19 +454,22 @@ def check_spec(store: EmbeddingStore, spec) -> None:
                          f"the {describe_identity(given)} given here; use the same model options, or embed again")
 
 
-def evaluate_embeddings(folder, recall_k=(1, 5, 10), chunk_size=None, dump_ranks=None, spec=None) -> dict:
+def evaluate_embeddings(folder, recall_k=(1, 5, 10), chunk_size=None, dump_ranks=None, spec=None,
+                        same_image: str = "bytes") -> dict:
     """`eclip evaluate --embeddings DIR`: retrieval metrics from a store written with --dataset.
 
     Ground truth as eclip.evaluate builds it: a caption's positive is its record's image (the
-    texts' "image" column; stores written before it existed match by record id); image rows with
-    identical bytes (sha256) are one gallery item. Records whose image could not be embedded are
-    left out (their unreadable files counted in n_skipped).
+    texts' "image" column; stores written before it existed match by record id). Which captions
+    share one gallery image is `same_image`: identical bytes (sha256), the same path, or none (every
+    caption's image its own item, the reference's protocol). Records whose image could not be
+    embedded are left out (their unreadable files counted in n_skipped).
     """
     import json as _json
 
     import torch
 
-    from eclip.evaluate import evaluate_features
+    from eclip.evaluate import check_same_image, evaluate_features, gallery_items
+    check_same_image(same_image)
     store = open_store(folder)
     check_spec(store, spec)
     store.require("texts")
@@ -475,20 +478,22 @@ def evaluate_embeddings(folder, recall_k=(1, 5, 10), chunk_size=None, dump_ranks
     image_vectors, text_vectors = store.vectors("images"), store.vectors("texts")
     by_path = "image" in texts and any(texts["image"])
     image_key, text_key = ("path", "image") if by_path else ("id", "id")
-    gallery_rows, by_digest, gallery_of = [], {}, {}
-    for row, (key, digest) in enumerate(zip(images[image_key], images["sha256"])):
-        if digest not in by_digest:
-            by_digest[digest] = len(gallery_rows)
-            gallery_rows.append(row)
-        gallery_of.setdefault(key, by_digest[digest])
-    keep = [t for t, key in enumerate(texts[text_key]) if key in gallery_of]
+    row_of = {}
+    for row, key in enumerate(images[image_key]):
+        row_of.setdefault(key, row)
+    keep = [t for t, key in enumerate(texts[text_key]) if key in row_of]
     if not keep:
         raise EclipError(f"{store.path}: no caption shares a record id with an embedded image; "
                          f"evaluate needs a store written with `eclip embed --dataset`")
+    image_row = [row_of[texts[text_key][t]] for t in keep]              # each kept caption's image row
+    keys = {"bytes": [images["sha256"][r] for r in image_row], "path": [images["path"][r] for r in image_row],
+            "none": range(len(keep))}[same_image]
+    first, item_of_text = gallery_items(keys)
+    gallery_rows = [image_row[i] for i in first]
     types = [sorted({e.get("type") for e in _json.loads(texts["entities"][t] or "[]")
                      if isinstance(e, dict) and e.get("type")}) for t in keep]
     result = evaluate_features(torch.from_numpy(text_vectors[keep]), torch.from_numpy(image_vectors[gallery_rows]),
-                               [gallery_of[texts[text_key][t]] for t in keep], recall_k=recall_k,
+                               item_of_text, recall_k=recall_k,
                                chunk_size=chunk_size, dump_ranks=dump_ranks,
                                text_ids=[texts["id"][t] for t in keep],
                                image_ids=[images["path"][r] for r in gallery_rows], text_entity_types=types)
@@ -496,5 +501,5 @@ def evaluate_embeddings(folder, recall_k=(1, 5, 10), chunk_size=None, dump_ranks
     result.update(model=store.identity.get("model"), checkpoint=store.identity.get("checkpoint"),
                   checkpoint_sha256=store.identity.get("checkpoint_sha256"),
                   n_skipped=(store.manifest["images"] or {}).get("errors", 0), dataset=source.get("dataset"), split=source.get("split"),
-                  embeddings=str(store.path))
+                  embeddings=str(store.path), same_image=same_image)
     return result

@@ -5,12 +5,26 @@
     result = evaluate(ModelSpec(checkpoint="run/best.safetensors"), "n24news", None, "test")
     result["text_to_image"]["R@1"], result["rsum"]
 
-Ground truth. Every record is one caption query; its positive is its record's image. The
-gallery holds each image file once: files with identical bytes (content sha256) are one
-gallery item, wherever they lie and however many records use them, and an image query's
-positives are all the captions of the records that use that file. A query is a hit at K
-when any of its positives is in the top K (eclip.metrics has the definitions and the tie
-rule: pessimistic, ties within 1e-6 ranked after the tied negatives).
+Ground truth. Every record is one caption query; its positive is its record's image. Which
+records share one gallery image is `same_image`:
+- "bytes" (default): files with identical bytes (content sha256) are one gallery item,
+  wherever they lie and however many records use them;
+- "path": records naming the same image file are one item (CLIP_benchmark's convention,
+  where a dataset item is one image with all its captions);
+- "none": every record is its own gallery item, even when records share a file: the
+  EntityCLIP reference's protocol (ETE eval.py / util.t2i_recall), the one the paper's
+  numbers use.
+An image query's positives are all the captions of the records its item stands for. A query
+is a hit at K when any of its positives is in the top K (eclip.metrics has the definitions
+and the tie rule: pessimistic, ties within 1e-6 ranked after the tied negatives).
+
+Identical caption texts. Two records whose captions are the same text get identical text
+vectors, so they score the same against every image. Unless their images are one gallery
+item, each caption is a negative of the other's image that ties with its positive, and the
+pessimistic tie rule ranks it first: neither image can reach image->text rank 1, and of
+the two caption queries at most one can reach text->image rank 1 (they share one ranking).
+The reference's argsort breaks such ties by sort order instead, so one of the pair may
+count as a hit there.
 """
 from __future__ import annotations
 
@@ -25,6 +39,7 @@ from typing import Optional, Sequence
 from eclip.errors import EclipError
 
 DEFAULT_RECALL_K = (1, 5, 10)
+SAME_IMAGE = ("bytes", "path", "none")
 
 
 def parse_recall_k(text: str) -> tuple[int, ...]:
@@ -40,7 +55,7 @@ def parse_recall_k(text: str) -> tuple[int, ...]:
 
 @dataclass
 class Gallery:
-    """The images of a split, each distinct file once, and which of them each record uses."""
+    """The gallery items of a split (see `same_image`), and which of them each record uses."""
     paths: list = field(default_factory=list)          # one path per gallery item (its first record's)
     image_of_record: list = field(default_factory=list)  # gallery index per record, -1 when skipped
     skipped: dict = field(default_factory=dict)        # image path -> reason, for files that could not be read
@@ -54,8 +69,30 @@ def file_sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def build_gallery(records, on_file=None) -> Gallery:
-    """Dedupe the records' images by content sha256; unreadable files are skipped with a reason."""
+def gallery_items(keys) -> tuple[list, list]:
+    """(first row of every distinct key, item index of every row): rows with equal keys are one item."""
+    first, item_of_row, index = [], [], {}
+    for row, key in enumerate(keys):
+        if key not in index:
+            index[key] = len(first)
+            first.append(row)
+        item_of_row.append(index[key])
+    return first, item_of_row
+
+
+def check_same_image(same_image: str) -> str:
+    if same_image not in SAME_IMAGE:
+        raise EclipError(f"--same-image {same_image}: one of {', '.join(SAME_IMAGE)}")
+    return same_image
+
+
+def build_gallery(records, on_file=None, same_image: str = "bytes") -> Gallery:
+    """Group the records' images into gallery items by `same_image`. With "bytes" every file is
+    hashed (unreadable files are skipped with a reason); "path" and "none" read no file here."""
+    if check_same_image(same_image) != "bytes":
+        keys = [r.image for r in records] if same_image == "path" else range(len(records))
+        first, item_of_record = gallery_items(keys)
+        return Gallery(paths=[records[i].image for i in first], image_of_record=item_of_record)
     gallery = Gallery()
     by_path: dict[str, int] = {}
     by_digest: dict[str, int] = {}
@@ -83,7 +120,7 @@ def build_gallery(records, on_file=None) -> Gallery:
 def evaluate(spec=None, dataset: str | None = None, data_root=None, split: str = "test", *,
              recall_k: Sequence[int] = DEFAULT_RECALL_K, batch_size: int = 64, chunk_size: int | None = None,
              dump_ranks=None, workers: int | None = None, model=None, records=None,
-             image_folder: str | None = None) -> dict:
+             image_folder: str | None = None, same_image: str = "bytes") -> dict:
     """Embed a split with a model and return the metrics report (see `evaluate_features`).
 
     `spec` (eclip.config.ModelSpec) is loaded with eclip.model.factory.load_model unless an
@@ -95,6 +132,7 @@ def evaluate(spec=None, dataset: str | None = None, data_root=None, split: str =
 
     from eclip.console import note, progress
     recall_k = _check_k(recall_k)
+    check_same_image(same_image)
     if records is None:
         if not dataset:
             raise EclipError("--dataset is required (n24news, visualnews, goodnews or a .jsonl / .csv file)")
@@ -108,16 +146,19 @@ def evaluate(spec=None, dataset: str | None = None, data_root=None, split: str =
     model.eval()
 
     with progress() as bar:
-        task = bar.add_task("hashing images", total=len({r.image for r in records}))
-        gallery = build_gallery(records, on_file=lambda: bar.advance(task))
-        image_features, failed = embed_images(model, gallery.paths, batch_size, workers, bar)
+        hashing = bar.add_task("hashing images", total=len({r.image for r in records})) \
+            if same_image == "bytes" else None
+        gallery = build_gallery(records, on_file=(lambda: bar.advance(hashing)) if hashing is not None else None,
+                                same_image=same_image)
+        files, file_of_item = gallery_items(gallery.paths)      # "none" may name a file in several items
+        file_features, failed = embed_images(model, [gallery.paths[i] for i in files], batch_size, workers, bar)
     for index, reason in failed:
-        gallery.skipped[gallery.paths[index]] = reason
-    keep_image = torch.ones(len(gallery.paths), dtype=torch.bool)
-    if failed:
-        keep_image[torch.tensor([i for i, _ in failed])] = False
+        gallery.skipped[gallery.paths[files[index]]] = reason
+    failed_files = {i for i, _ in failed}
+    keep_image = torch.tensor([f not in failed_files for f in file_of_item], dtype=torch.bool)
     new_index = torch.cumsum(keep_image.long(), 0) - 1          # gallery index after dropping failures
-    image_features = image_features[keep_image.to(image_features.device)]
+    kept_files = torch.tensor([f for f, k in zip(file_of_item, keep_image.tolist()) if k], dtype=torch.long)
+    image_features = file_features[kept_files.to(file_features.device)]
     paths = [p for p, k in zip(gallery.paths, keep_image.tolist()) if k]
 
     kept = [(r, int(new_index[g])) for r, g in zip(records, gallery.image_of_record)
@@ -141,7 +182,7 @@ def evaluate(spec=None, dataset: str | None = None, data_root=None, split: str =
     name, named_split = dataset_label(dataset, split)
     result.update(model=identity.get("model"), checkpoint=identity.get("checkpoint"),
                   checkpoint_sha256=identity.get("checkpoint_sha256"), n_skipped=len(gallery.skipped),
-                  dataset=name, split=named_split)
+                  dataset=name, split=named_split, same_image=same_image)
     return result
 
 

@@ -16,9 +16,9 @@ OUTPUT_PANEL = "Output"
 
 
 @app.command(help="Retrieval metrics of a model on a dataset split: Recall@K text->image and image->text, "
-                  "median and mean rank (from 1), rsum. Identical image files count as one gallery item; "
-                  "a query is a hit at K when any of its positives is in the top K; ties rank the positive "
-                  "after the tied negatives.")
+                  "median and mean rank (from 1), rsum. Identical image files count as one gallery item "
+                  "(--same-image); a query is a hit at K when any of its positives is in the top K; ties rank "
+                  "the positive after the tied negatives. The paper's protocol is --same-image none.")
 def evaluate(
     dataset: Dataset = None,
     data_root: DataRoot = None,
@@ -34,6 +34,11 @@ def evaluate(
         "--embeddings", metavar="DIR", rich_help_panel=DATA_PANEL, show_default=False,
         help="Evaluate the embeddings `eclip embed` stored in DIR instead of computing them "
              "(images and captions).")] = None,
+    same_image: Annotated[str, typer.Option(
+        "--same-image", metavar="bytes|path|none",
+        help="Which records share one gallery image: bytes (identical file contents), path (the same file "
+             "path: CLIP_benchmark's convention) or none (every record its own gallery item: the EntityCLIP "
+             "reference's protocol, which the paper's numbers use).")] = "bytes",
     recall_k: Annotated[str, typer.Option(
         "--recall-k", metavar="K,K,...", help="Recall cut-offs (rsum always uses 1, 5 and 10).")] = "1,5,10",
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images / captions per forward pass.")] = 64,
@@ -49,18 +54,19 @@ def evaluate(
     with user_errors():
         import json
 
-        from eclip.evaluate import parse_recall_k
+        from eclip.evaluate import check_same_image, parse_recall_k
         ks = parse_recall_k(recall_k)
+        check_same_image(same_image)
         spec = model_spec(model, pretrained, checkpoint, device, precision, seed)
         if embeddings is not None:   # model options, if given, must name the model the store was made with
-            result = _from_embeddings(embeddings, ks, dump_ranks, spec)
+            result = _from_embeddings(embeddings, ks, dump_ranks, spec, same_image)
         else:
             from eclip.evaluate import evaluate as run
             if not dataset:
                 raise EclipError("--dataset is required (n24news, visualnews, goodnews or a .jsonl / .csv file), "
                                  "or --embeddings DIR")
             result = run(spec, dataset, data_root, split, recall_k=ks, batch_size=batch_size, dump_ranks=dump_ranks,
-                         image_folder=image_folder)
+                         image_folder=image_folder, same_image=same_image)
         if output is not None:
             from eclip.atomic import write_text
             write_text(output, json.dumps(result, indent=2, ensure_ascii=False) + "\n")
@@ -73,7 +79,7 @@ def evaluate(
             out.print(report_table(result))
 
 
-def _from_embeddings(folder: Path, ks, dump_ranks, spec):
+def _from_embeddings(folder: Path, ks, dump_ranks, spec, same_image: str = "bytes"):
     """--embeddings: eclip embed's store computes nothing again; it owns `evaluate_embeddings`
     (ground truth as eclip.evaluate builds it, then eclip.evaluate.evaluate_features)."""
     try:
@@ -85,4 +91,4 @@ def _from_embeddings(folder: Path, ks, dump_ranks, spec):
     if hook is None:
         raise EclipError(f"--embeddings {folder}: --embeddings needs eclip embed's store to provide "
                          f"evaluate_embeddings, which this version lacks")
-    return hook(folder, recall_k=ks, dump_ranks=dump_ranks, spec=spec)
+    return hook(folder, recall_k=ks, dump_ranks=dump_ranks, spec=spec, same_image=same_image)
