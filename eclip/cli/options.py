@@ -67,7 +67,7 @@ DataRoot = Annotated[Optional[Path], typer.Option(
 Split = Annotated[str, typer.Option(
     "--split", rich_help_panel=DATA_PANEL, help="train | val | test (N24News's 'dev' is accepted for val).")]
 ImageFolder = Annotated[Optional[str], typer.Option(
-    "--image-folder", rich_help_panel=DATA_PANEL, metavar="NAME",
+    "--image-folder", rich_help_panel=DATA_PANEL, metavar="NAME", show_default=False,
     help="A benchmark's image folder where its layout offers a choice: GoodNews reads images/ (the originals) "
          "unless this says resized (the 256x256 copies of its resize.py, then for every image). "
          "N24News: imgs or images.")]
