@@ -159,7 +159,8 @@ def _print(summary: dict, as_json: bool) -> None:
     from rich.table import Table
     table = Table(title="eclip train", show_header=False)
     best, loss = summary["best_val_rsum"], summary.get("best_val_loss")
-    rows = [("best checkpoint by", "lowest val loss" if summary.get("select_by") == "val-loss" else "highest val rsum"),
+    by = "lowest val loss" if summary.get("select_by") == "val-loss" else "highest val rsum"
+    rows = [("best checkpoint by", by if best is not None else "the last model (no validation)"),
             ("its val rsum / val loss", "-" if best is None else f"{best:.2f} / "
              + ("-" if loss is None else f"{loss:.4f}")),
             ("at epoch / step", f"{summary['best_epoch']} / {summary['best_step']}")]
