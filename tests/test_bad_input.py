@@ -43,3 +43,31 @@ def test_dataset_that_is_not_utf8_in_every_subcommand(command, kind, latin1_tabl
             "explain": ["explain", "--dataset", path, "--output", tmp_path / "c.jsonl", "--dry-run"]}[command]
     message = one_error_line(run_cli(argv))
     assert message.startswith(f"{path} line {line}: not UTF-8"), message
+
+
+BLOCKED = r'''
+import sys
+for name in ("torch", "open_clip", "onnxruntime", "torchvision", "transformers", "accelerate"):
+    sys.modules[name] = None      # importing any of them now fails: an input check must not need them
+from eclip.cli import main
+sys.argv = ["eclip", *sys.argv[1:]]
+main()
+'''
+
+
+def test_train_checks_its_validation_file_before_importing_torch(tmp_path, real_images, tiny_config_path):
+    """`train --val-dataset MISSING` was reported after 17 s of imports; it needs no model."""
+    import json
+    import os
+    import subprocess
+    import sys
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"image": str(p), "text": name}) + "\n" for name, p in real_images.items()))
+    missing = tmp_path / "no-such-val.jsonl"
+    env = {**os.environ, "ECLIP_QUIET": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", BLOCKED, "train", "--dataset", str(pairs), "--val-dataset",
+                           str(missing), "--model", str(tiny_config_path), "--pretrained", "none", "--output",
+                           str(tmp_path / "run")], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.strip() == f"eclip: error: {missing}: dataset file not found"
+    assert not (tmp_path / "run").exists()
