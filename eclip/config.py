@@ -10,6 +10,10 @@ from typing import Optional
 
 DEFAULT_MODEL = "ViT-B-32"
 DEFAULT_PRETRAINED = "openai"
+# `eclip train --augment`: open_clip's training transform with these AugmentationCfg fields. Random
+# crops of 50-100% of the image and mild brightness/contrast/saturation jitter; no hue change and no
+# flip (open_clip's transform never flips), so a flag's colours and orientation, its identity, survive.
+AUGMENT = {"scale": [0.5, 1.0], "color_jitter": [0.3, 0.3, 0.3, 0.0], "color_jitter_prob": 0.8}
 
 
 def eclip_cache_dir() -> Path:
@@ -189,6 +193,8 @@ class TrainConfig:
     text_experts: Optional[int] = None
     shared_experts: Optional[int] = None
     no_experts: bool = False              # plain CLIP fine-tuning: the baseline
+    augment: Optional[dict] = None        # open_clip AugmentationCfg fields for training images (--augment:
+                                          # AUGMENT); None: the eval transform, as in the reference
     workers: int = 4
     select_by: str = "rsum"               # best.safetensors: highest val rsum, or "val-loss" (lowest, the reference)
     eval_every: int = 0                   # 0: validate at the end of each epoch only

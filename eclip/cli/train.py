@@ -91,6 +91,10 @@ def train(
     shared_experts: Annotated[OptInt, _int(EXP, "4", min=0)] = None,
     no_experts: Annotated[OptBool, _opt(EXP, None, "Plain CLIP fine-tuning (contrastive loss only): the "
                                                    "baseline to compare EntityCLIP with.", "--no-experts")] = None,
+    augment: Annotated[OptBool, _opt(
+        OPT, None, "Augment training images with open_clip's training transform: random crops of 50-100% and "
+        "mild colour jitter, no flips (off by default, as in the reference; saved in config.json).",
+        "--augment")] = None,
     select_by: Annotated[Optional[str], _opt(
         RUN, "rsum", "Which validation makes best.safetensors: rsum (highest val rsum) or val-loss (lowest "
         "validation contrastive loss, the reference's rule). Both are logged at every validation.",
@@ -106,7 +110,7 @@ def train(
     json_out: Json = False,
 ):
     with user_errors():
-        from eclip.config import TrainConfig
+        from eclip.config import AUGMENT, TrainConfig
         from eclip.errors import EclipError
         if select_by not in (None, "rsum", "val-loss"):      # before torch is imported
             raise EclipError(f"--select-by {select_by}: one of rsum, val-loss")
@@ -124,8 +128,8 @@ def train(
             "weight_decay": weight_decay, "warmup_steps": warmup_steps, "grad_accum": grad_accum, "seed": seed,
             "lock_image": lock_image, "lock_text": lock_text, "eta": eta, "lam": lam,
             "vision_experts": vision_experts, "text_experts": text_experts, "shared_experts": shared_experts,
-            "no_experts": no_experts, "select_by": select_by, "workers": workers, "eval_every": eval_every,
-            "save_every": save_every,
+            "no_experts": no_experts, "augment": AUGMENT if augment else None, "select_by": select_by,
+            "workers": workers, "eval_every": eval_every, "save_every": save_every,
             "log_every": log_every, "tensorboard": tensorboard,
         }
         if resume is not None:

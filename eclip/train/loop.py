@@ -104,7 +104,8 @@ class Trainer:
         self.experts = model.experts is not None
         self.ids = group_ids(self.train_records).to(acc.device)
         self.val_ids = group_ids(self.val_records)
-        loader = pair_loader(self.train_records, model, cfg.batch_size, cfg.workers, seed=cfg.seed)
+        loader = pair_loader(self.train_records, model, cfg.batch_size, cfg.workers, seed=cfg.seed,
+                             augment=cfg.augment)
         self.batches_per_epoch = len(loader)
         self.total_steps = cfg.epochs * math.ceil(self.batches_per_epoch / cfg.grad_accum)
         optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, acc.device.type)
