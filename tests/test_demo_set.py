@@ -17,6 +17,7 @@ from eclip.data.demo_set import (SPLITS, build_demo_set, file_digests, flag_enti
 from eclip.errors import EclipError
 
 ONTONOTES = {"PERSON", "NORP", "FAC", "ORG", "GPE", "LOC", "PRODUCT", "EVENT", "WORK_OF_ART", "LAW", "LANGUAGE"}
+TYPES = ONTONOTES | {"ANIMAL"}      # OntoNotes has no type for a named animal
 N_FLAGS, VIEWS, SIZE = 5, 4, 64
 
 
@@ -52,11 +53,13 @@ def test_records_name_their_entities_and_images_load(small_set):
             assert set(rec) == {"id", "image", "text", "entities"}
             assert rec["entities"], rec
             for ent in rec["entities"]:
-                assert ent["text"] in rec["text"] and ent["type"] in ONTONOTES
+                assert ent["text"] in rec["text"] and ent["type"] in TYPES
             with Image.open(out / rec["image"]) as im:
                 assert im.format == "JPEG" and im.mode == "RGB" and im.size == (SIZE, SIZE)
     by_id = {r["id"]: r for s in SPLITS for r in read_split(out, s)}
     assert {"text": "Eileen Collins", "type": "PERSON"} in by_id["eileen-collins-0"]["entities"]
+    assert by_id["chelsea-the-cat-0"]["entities"] == [{"text": "Chelsea", "type": "ANIMAL"}], "a cat is not a PERSON"
+    assert {"text": "Cape Canaveral", "type": "LOC"} in by_id["dscovr-falcon-9-1"]["entities"]
     assert by_id["flag-afghanistan-0"]["entities"] == [{"text": "Afghanistan", "type": "GPE"}]
 
 

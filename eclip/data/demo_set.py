@@ -254,7 +254,7 @@ PHOTOS = (
     PhotoSource(
         "dscovr-falcon-9", "skimage", "scikit-image", "data/rocket.jpg",
         "skimage.data.rocket(): SpaceX photo, released into the public domain",
-        (("DSCOVR", "PRODUCT"), ("SpaceX", "ORG"), ("Falcon 9", "PRODUCT"), ("Cape Canaveral", "GPE")),
+        (("DSCOVR", "PRODUCT"), ("SpaceX", "ORG"), ("Falcon 9", "PRODUCT"), ("Cape Canaveral", "LOC")),
         {"train": ("The DSCOVR satellite launching on a SpaceX Falcon 9 rocket",
                    "A SpaceX Falcon 9 carrying DSCOVR on its launch pad at Cape Canaveral",
                    "The Falcon 9 rocket with the DSCOVR spacecraft at night",
@@ -275,7 +275,7 @@ PHOTOS = (
     PhotoSource(
         "chelsea-the-cat", "skimage", "scikit-image", "data/chelsea.png",
         "skimage.data.chelsea(): CC0 by Stefan van der Walt",
-        (("Chelsea", "PERSON"),),     # OntoNotes has no animal type; named pets are tagged PERSON
+        (("Chelsea", "ANIMAL"),),     # a cat: OntoNotes has no type for a named animal, and she is no PERSON
         {"train": ("Chelsea the cat looking into the camera",
                    "A tabby cat named Chelsea",
                    "Close-up of Chelsea the cat's green eyes",
