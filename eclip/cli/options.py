@@ -65,7 +65,9 @@ DataRoot = Annotated[Optional[Path], typer.Option(
     help="Folder holding the benchmark in its published layout. Default: $ECLIP_DATA/<dataset> "
          "or ~/.cache/eclip/data/<dataset>.")]
 Split = Annotated[str, typer.Option(
-    "--split", rich_help_panel=DATA_PANEL, help="train | val | test (N24News's 'dev' is accepted for val).")]
+    "--split", rich_help_panel=DATA_PANEL,
+    help="train | val | test (N24News's 'dev' is accepted for val); all for a release that has no split "
+         "(VisualNews's origin/data.json, N24News's nytimes_dataset.json).")]
 ImageFolder = Annotated[Optional[str], typer.Option(
     "--image-folder", rich_help_panel=DATA_PANEL, metavar="NAME", show_default=False,
     help="A benchmark's image folder where its layout offers a choice: GoodNews reads images/ (the originals) "
