@@ -19,8 +19,8 @@ SAFETENSORS_MAX_HEADER = 100 << 20    # safetensors itself refuses larger header
 def convert_command(path: Path) -> str:
     """A one-line python command that writes PATH's tensors to PATH-without-suffix.safetensors."""
     src, dst = str(path).replace("'", "\\'"), str(path.with_suffix(".safetensors")).replace("'", "\\'")
-    return (f"python -c \"import torch, safetensors.torch as s; d = torch.load('{src}', map_location='cpu', "
-            f"weights_only=True); d = d.get('state_dict', d); "
+    load = f"torch.load('{src}', weights_only=True, map_location='cpu')"
+    return (f"python -c \"import torch, safetensors.torch as s; d = {load}; d = d.get('state_dict', d); "
             f"s.save_file({{k: v.clone().contiguous() for k, v in d.items()}}, '{dst}')\"")
 
 
