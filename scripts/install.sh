@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install eclip and everything its tests and demo need into ./.venv (idempotent, offline-safe
-# except for the package registry). uv resolves the same set as pip in seconds rather than minutes.
+# except for the package registry); `install.sh --test` also installs the browser the tests drive.
+# uv resolves the same set as pip in seconds rather than minutes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v uv >/dev/null 2>&1 || python3 -m pip install -q uv
@@ -25,7 +26,9 @@ ln -sfn "$minilm" examples/sentence-transformers/all-MiniLM-L6-v2
 # compiles make compileall exit 1; that is expected.
 .venv/bin/python -m compileall -q -j 0 .venv/lib/python*/site-packages > /dev/null 2>&1 || true
 # tests/test_serve_page.py drives the page of `eclip serve` in Debian's chromium (selenium's own
-# browser download does not work offline). Installed here when missing and we are root (CI is).
+# browser download does not work offline). With --test (scripts/test.sh passes it) it is installed
+# here when missing and we are root (CI is); the demo does not need it.
+[ "${1:-}" = "--test" ] || exit 0
 if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \

@@ -16,11 +16,25 @@ def test_quick_demo_runs_the_whole_chain(tmp_path, capsys):
     assert set(summary["results"]) == {"untrained (random init)", "EntityCLIP", "CLIP fine-tuned (--no-experts)"}
     for result in summary["results"].values():
         assert 0 <= result["text_to_image"]["R@1"] <= 100 and result["n_images"] == 20
-    assert summary["explain"]["generated"] + summary["explain"]["cached"] >= 6
-    lines = [json.loads(line) for line in open(tmp_path / "explanations.jsonl")]
-    assert any(line["explanation"] for line in lines)
-    best = summary["match"]["results"][0]["matches"]
-    assert len(best) == 4 and best == sorted(best, key=lambda m: -m["score"])
+    # both models trained by `eclip train` processes, the same steps each, evaluated on their last checkpoint
+    n_train = len((tmp_path / "data" / "train.jsonl").read_text().splitlines())
+    for name, run in summary["train"].items():
+        assert run["steps"] == 2 * (n_train // 16) and Path(run["last_checkpoint"]).is_file(), name
+        assert (Path(run["run_dir"]).with_suffix(".log")).is_file()
+    assert summary["explain"]["live"]["generated"] + summary["explain"]["live"]["cached"] == 1
+    assert summary["explain"]["shipped_lines"] == 812
+    lines = [json.loads(line) for line in open(tmp_path / "explanations-live.jsonl")]
+    assert lines and all(line["explanation"] for line in lines)
+    photos = summary["match"]["EntityCLIP"]["results"]
+    assert len(photos) == 8 and all(1 <= p["rank"] <= 8 for p in photos)
+    assert all(len(p["matches"]) == 8 and p["matches"] == sorted(p["matches"], key=lambda m: -m["score"])
+               for p in photos)
     assert Path(summary["plot"]).stat().st_size > 10_000       # a real PNG, not an empty file
     printed = capsys.readouterr().out
-    assert "rsum" in printed and "val_recall.png" in printed
+    assert "rsum" in printed and "val_recall.png" in printed and "ranked first" in printed
+
+    # run again on the same folder: the finished runs are reused, not trained again
+    stamp = {n: Path(r["last_checkpoint"]).stat().st_mtime_ns for n, r in summary["train"].items()}
+    assert main(["--quick", "--output", str(tmp_path)]) == 0
+    again = json.loads((tmp_path / "summary.json").read_text())
+    assert {n: Path(r["last_checkpoint"]).stat().st_mtime_ns for n, r in again["train"].items()} == stamp
