@@ -120,13 +120,10 @@ def main(argv=None) -> int:
 
 def untrained(data: Path, seed: int) -> dict:
     """The untrained row: the demo's model config, random weights from `seed`, on the test split."""
-    import torch
-
     import demo
     from eclip.evaluate import evaluate
     from eclip.model.factory import load_model
-    torch.manual_seed(seed)
-    model = load_model(model=str(demo.HERE / "tiny-vit.json"), pretrained="none", device="cpu")
+    model = load_model(model=str(demo.HERE / "tiny-vit.json"), pretrained="none", device="cpu", seed=seed)
     result = evaluate(dataset=str(data / "test.jsonl"), model=model)
     return {**_metrics(result), "best_t2i_r1": result["text_to_image"]["R@1"]}
 

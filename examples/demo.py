@@ -90,8 +90,7 @@ def main(argv=None) -> int:
     summaries = train_runs(runs, parallel)
 
     say("4/5 evaluate", f"eclip evaluate --dataset {test_file} --checkpoint RUN/last.safetensors --json")
-    torch.manual_seed(42)
-    untrained = load_model(model=model_cfg, pretrained="none", device="cpu")
+    untrained = load_model(model=model_cfg, pretrained="none", device="cpu", seed=42)
     results = {"untrained (random init)": evaluate(dataset=str(test_file), model=untrained)}
     for name, summary in summaries.items():
         results[name] = evaluate(ModelSpec(checkpoint=summary["last_checkpoint"], device="cpu"),
