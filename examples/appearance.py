@@ -62,6 +62,10 @@ PHOTOS = {
         "The scikit-image logo: a round emblem, green above and orange below, with a snake drawn in dark "
         "lines, on white.",
         "skimage.data.logo (the scikit-image logo) and the picture"),
+    "china-temple": (
+        "A temple in China: a tall octagonal tower of several storeys with red pillars and green and "
+        "orange tiled roofs, trees in front, a lake and hazy sky behind.",
+        "sklearn china.jpg (load_sample_image; Flickr, CC BY 2.0) and the picture"),
 }
 MODEL = "appearance (examples/appearance.py)"
 
