@@ -83,7 +83,7 @@ def main(argv=None) -> int:
               file=sys.stderr, flush=True)
 
     torch.set_num_threads(1)
-    jobs, started_at = {}, {}
+    jobs, row_seed = {}, {}      # progress-bar name -> (eclip train arguments, run dir); -> (row, seed)
     for seed in seeds:
         for row, change in ROWS.items():
             if (row, seed) in done:
@@ -93,16 +93,14 @@ def main(argv=None) -> int:
                 record(row, seed, untrained(data, seed), time.perf_counter() - t0)
                 continue
             explanations = change.get("explanations")
-            run = out / "runs" / f"{_slug(row)}-{seed}"
-            train_args = demo.train_args(settings, data, run, seed=seed,
-                                   no_experts=change.get("no_experts", False),
-                                   explanations=caches[explanations] if explanations else None,
-                                   eta=change.get("eta"), lam=change.get("lam"))
-            jobs[f"{row} | seed {seed}"] = (train_args, run)
-            started_at[f"{row} | seed {seed}"] = (row, seed)
+            run, name = out / "runs" / f"{_slug(row)}-{seed}", f"{row} | seed {seed}"
+            jobs[name] = (demo.train_args(settings, data, run, seed=seed, no_experts=change.get("no_experts", False),
+                                          explanations=caches[explanations] if explanations else None,
+                                          eta=change.get("eta"), lam=change.get("lam")), run)
+            row_seed[name] = (row, seed)
 
     def finished(name, summary):
-        row, seed = started_at[name]
+        row, seed = row_seed[name]
         with lock:
             metrics = trained(data, summary)
         record(row, seed, metrics, summary.get("elapsed_s") or 0.0)
@@ -123,7 +121,7 @@ def untrained(data: Path, seed: int) -> dict:
     import demo
     from eclip.evaluate import evaluate
     from eclip.model.factory import load_model
-    model = load_model(model=str(demo.HERE / "tiny-vit.json"), pretrained="none", device="cpu", seed=seed)
+    model = load_model(model=str(demo.MODEL_CFG), pretrained="none", device="cpu", seed=seed)
     result = evaluate(dataset=str(data / "test.jsonl"), model=model)
     return {**_metrics(result), "best_t2i_r1": result["text_to_image"]["R@1"]}
 

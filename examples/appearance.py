@@ -18,6 +18,7 @@ import argparse
 import hashlib
 import json
 import sys
+from itertools import groupby
 from pathlib import Path
 
 # Named colours, anchored near the shades flags use. Nearest anchor by "redmean" RGB distance.
@@ -84,20 +85,9 @@ def colour_labels(rgb):
 
 def _runs(labels, min_len: int) -> list:
     """Run-length of a 1-D label sequence, runs shorter than `min_len` folded into a neighbour."""
-    runs = []
-    for x in labels:
-        if runs and runs[-1][0] == x:
-            runs[-1][1] += 1
-        else:
-            runs.append([x, 1])
+    runs = [(x, len(list(group))) for x, group in groupby(labels)]
     runs = [r for r in runs if r[1] >= min_len] or runs
-    merged = []
-    for x, n in runs:
-        if merged and merged[-1][0] == x:
-            merged[-1][1] += n
-        else:
-            merged.append([x, n])
-    return [x for x, _ in merged]
+    return [x for x, _ in groupby(x for x, _ in runs)]
 
 
 def _majority(a):
@@ -175,18 +165,15 @@ def describe_flag(rgb, name: str) -> str:
 
 def appearance_by_slug() -> dict:
     """{entity slug: explanation} for every flag flagpy ships and every photograph above."""
+    import numpy as np
+
     from eclip.data.demo_set import flag_entities
     out = {}
     for entity in flag_entities():
         name = entity.captions["train"][0].removeprefix("The national flag of ")   # "the Bahamas"
-        out[entity.slug] = describe_flag(_pixels(entity), name)
+        out[entity.slug] = describe_flag(np.asarray(entity.image()), name)
     out.update({slug: text for slug, (text, _) in PHOTOS.items()})
     return out
-
-
-def _pixels(entity):
-    import numpy as np
-    return np.asarray(entity.image())
 
 
 def write_cache(dataset, output) -> dict:

@@ -27,6 +27,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 SHIPPED = HERE / "explanations" / "smollm2-135m-train.jsonl"   # see examples/explanations/README.md
+MODEL_CFG = HERE / "tiny-vit.json"
 MAX_NEW_TOKENS = 32          # as the shipped cache was written (the model reads 32 tokens anyway)
 LIVE = ("grace-hopper-0", "chelsea-the-cat-0", "flag-france-0", "flag-japan-0")
 
@@ -38,10 +39,11 @@ QUICK = dict(n_flags=12, live=1, epochs=2, batch_size=16, lr=2e-3, weight_decay=
 MODELS = {"EntityCLIP": False, "CLIP fine-tuned (--no-experts)": True}     # name -> --no-experts
 
 
-def say(step: str, command: str) -> None:
+def say(step: str, command: str | None = None) -> None:
     from eclip.console import err
     err.print(f"\n[bold]── {step} ──")      # not a rule: it would span the whole width of a log file
-    err.print(f"[dim]$ {command}[/dim]")
+    if command:
+        err.print(f"[dim]$ {command}[/dim]")
 
 
 def main(argv=None) -> int:
@@ -56,6 +58,7 @@ def main(argv=None) -> int:
 
     import torch
 
+    from eclip.atomic import write_text
     from eclip.config import ModelSpec
     from eclip.console import err, out as stdout
     from eclip.data.demo_set import build_demo_set
@@ -65,7 +68,6 @@ def main(argv=None) -> int:
     # One thread here as in the training processes: on a shared machine, OpenMP threads that
     # spin-wait for each other made a training step 20x slower (measured).
     torch.set_num_threads(1)
-    model_cfg = str(HERE / "tiny-vit.json")
 
     data = out / "data"
     say("1/5 data", f"python examples/build_demo_data.py --output {data}")
@@ -84,13 +86,13 @@ def main(argv=None) -> int:
         runs[name] = (train_args(p, data, run, no_experts=no_experts,
                                  explanations=None if no_experts else str(SHIPPED)), run)
     parallel = min(len(runs), os.cpu_count() or 1)
-    for name, (args, _) in runs.items():
-        say(f"3/5 train {name}", "eclip " + " ".join(_show(a) for a in args))
+    for name, (cmd, _) in runs.items():
+        say(f"3/5 train {name}", "eclip " + " ".join(_show(a) for a in cmd))
     err.print(f"both runs at once, {parallel} at a time, one torch thread each: the same steps and seed")
     summaries = train_runs(runs, parallel)
 
     say("4/5 evaluate", f"eclip evaluate --dataset {test_file} --checkpoint RUN/last.safetensors --json")
-    untrained = load_model(model=model_cfg, pretrained="none", device="cpu", seed=42)
+    untrained = load_model(model=str(MODEL_CFG), pretrained="none", device="cpu", seed=42)
     results = {"untrained (random init)": evaluate(dataset=str(test_file), model=untrained)}
     for name, summary in summaries.items():
         results[name] = evaluate(ModelSpec(checkpoint=summary["last_checkpoint"], device="cpu"),
@@ -108,8 +110,8 @@ def main(argv=None) -> int:
     plot = plot_val_curves(logs, out / "val_recall.png")
     summary = {"results": results, "match": matched, "explain": explained, "train": summaries,
                "plot": str(plot), "elapsed_s": round(time.perf_counter() - start, 1)}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    err.rule("[bold]summary")
+    write_text(out / "summary.json", json.dumps(summary, indent=2, default=str))
+    say("summary")
     stdout.print(match_table)
     stdout.print(ranks_table)
     stdout.print(table)
@@ -125,7 +127,7 @@ def main(argv=None) -> int:
 def train_args(p: dict, data: Path, run: Path, seed: int = 42, no_experts: bool = False,
                explanations: str | None = None, eta: float | None = None, lam: float | None = None) -> list:
     """The `eclip train` arguments of one demo (or ablation) run: settings `p`, one row's changes."""
-    args = ["train", "--dataset", str(data / "train.jsonl"), "--model", str(HERE / "tiny-vit.json"),
+    args = ["train", "--dataset", str(data / "train.jsonl"), "--model", str(MODEL_CFG),
             "--pretrained", "none", "--device", "cpu", "--augment", "--epochs", str(p["epochs"]),
             "--batch-size", str(p["batch_size"]), "--lr", str(p["lr"]), "--weight-decay", str(p["weight_decay"]),
             "--warmup-steps", str(p["warmup_steps"]), "--vision-experts", "2", "--text-experts", "2",
