@@ -173,7 +173,7 @@ def embed_partitions(run, folder: Path, samples_: list[dict], shards: list[Shard
         image_shards.append(replace(shard, start=start, stop=len(images)))
     by_index = {s.index: s for s in shards}
     run.images(images, image_shards, sink=lambda shard, vectors, rows, errors: write(
-        by_index[shard.index], vectors, rows, errors))
+        by_index[shard.index], vectors, rows, errors), hash_files=False)   # its metadata has no sha256
     return written
 
 

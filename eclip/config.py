@@ -151,6 +151,10 @@ def _field(d: dict, dotted: str):
     return d
 
 
+# which validation makes best.safetensors: the highest val rsum, or the lowest val loss (the reference's rule)
+SELECT_BY = ("rsum", "val-loss")
+
+
 @dataclass
 class TrainConfig:
     """One training run (`eclip train`); saved as RUN_DIR/config.json so `--resume RUN_DIR` alone
@@ -196,7 +200,7 @@ class TrainConfig:
     augment: Optional[dict] = None        # open_clip AugmentationCfg fields for training images (--augment:
                                           # AUGMENT); None: the eval transform, as in the reference
     workers: int = 4
-    select_by: str = "rsum"               # best.safetensors: highest val rsum, or "val-loss" (lowest, the reference)
+    select_by: str = "rsum"               # one of SELECT_BY
     eval_every: int = 0                   # 0: validate at the end of each epoch only
     save_every: int = 0                   # 0: save the resumable state at the end of each epoch only
     log_every: int = 10

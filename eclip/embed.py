@@ -325,26 +325,29 @@ class _Run:
                 out.append((list(range(b, min(b + self.batch_size, s.stop))), s, b == starts[-1]))
         return out
 
-    def images(self, items, shards, sink=None) -> int:
+    def images(self, items, shards, sink=None, hash_files: bool = True) -> int:
         """Embed items[s.start:s.stop] of each shard; at a shard's end call sink(shard, vectors, rows,
-        errors) (default: write an eclip shard). rows: {"id", "path", "sha256"} of the readable images,
+        errors) (default: write an eclip shard). rows: {"id", "path", "sha256"} of the readable images
+        (sha256 None when not `hash_files`: the file is then read once, to decode it),
         vectors: float32 numpy [len(rows), dim], L2-normalised; errors: {"id", "image", "reason"}."""
         from torch.utils.data import DataLoader
 
-        from eclip.data.dataset import HashedImages, collate_hashed
+        from eclip.data.dataset import HashedImages, ImageDataset, collate_hashed, collate_images
         plan = self._batches(shards)
         if not plan:
             return 0
-        loader = DataLoader(HashedImages([it["path"] for it in items], self.model.preprocess),
+        dataset, collate = (HashedImages, collate_hashed) if hash_files else (ImageDataset, collate_images)
+        loader = DataLoader(dataset([it["path"] for it in items], self.model.preprocess),
                             batch_sampler=[p[0] for p in plan], num_workers=self.workers,
-                            collate_fn=collate_hashed, pin_memory=self.model.device.startswith("cuda"),
+                            collate_fn=collate, pin_memory=self.model.device.startswith("cuda"),
                             prefetch_factor=4 if self.workers else None)
         done, vectors, rows, errors = 0, [], [], []
         with self._progress("images", sum(len(p[0]) for p in plan)) as advance:
             for batch, (indices, shard, last) in zip(loader, plan):
                 if batch["indices"].numel():
                     vectors.append(self.model.encode_images(batch["images"]))
-                    for i, sha in zip(batch["indices"].tolist(), batch["sha256"]):
+                    shas = batch["sha256"] if hash_files else [None] * batch["indices"].numel()
+                    for i, sha in zip(batch["indices"].tolist(), shas):
                         rows.append({"id": items[i]["id"], "path": items[i]["path"], "sha256": sha})
                 errors += [{"id": items[i]["id"], "image": items[i]["path"], "reason": reason}
                            for i, reason in batch["skipped"]]

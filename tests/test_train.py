@@ -192,7 +192,7 @@ def run_on(flags, dataset, out, *extra, monkeypatch=None):
 def test_one_file_holds_out_a_validation_share_by_image(tmp_path, flags, monkeypatch):
     from eclip.config import TrainConfig
     from eclip.train import resume_config
-    from eclip.train.setup import read_splits
+    from eclip.train.inputs import read_splits
     pairs, n = one_file(flags, tmp_path)
     run = tmp_path / "run"
     result = run_on(flags, pairs, run, monkeypatch=monkeypatch)
@@ -213,7 +213,7 @@ def test_one_file_holds_out_a_validation_share_by_image(tmp_path, flags, monkeyp
 
 def test_hold_out_keeps_every_image_on_one_side_and_does_not_depend_on_order_or_place():
     from eclip.data.records import Record
-    from eclip.train.setup import hold_out
+    from eclip.train.inputs import hold_out
     records = [Record(f"{i}-{k}", f"/data/set/img{i}.jpg", f"caption {k} of {i}") for i in range(40) for k in range(2)]
     train, val = hold_out(records, 0.1)
     assert len({r.image for r in val}) == 4 and len(val) == 8 and len(train) == 72

@@ -110,10 +110,10 @@ def train(
     json_out: Json = False,
 ):
     with user_errors():
-        from eclip.config import AUGMENT, TrainConfig
+        from eclip.config import AUGMENT, SELECT_BY, TrainConfig
         from eclip.errors import EclipError
-        if select_by not in (None, "rsum", "val-loss"):      # before torch is imported
-            raise EclipError(f"--select-by {select_by}: one of rsum, val-loss")
+        if select_by not in (None, *SELECT_BY):      # before torch is imported
+            raise EclipError(f"--select-by {select_by}: one of {', '.join(SELECT_BY)}")
         from eclip.train.inputs import check_inputs
         from eclip.train.rundir import resume_config
 

@@ -180,12 +180,6 @@ def _root(root, benchmark: str, layout: str) -> Path:
     return root.resolve()
 
 
-def _split_file(path: Path, benchmark: str, layout: str) -> Path:
-    if not path.is_file():
-        raise EclipError(f"{path}: {benchmark} file not found ({layout})")
-    return path
-
-
 def _load_json(path: Path):
     try:
         with open(path, encoding="utf-8-sig") as f:

@@ -12,7 +12,6 @@ work and writes its own part file; process 0 merges the parts into the cache.
 """
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Iterable, Optional

@@ -77,8 +77,8 @@ class EntityCLIP(nn.Module):
         """
         if not self.token_note_given:
             self.token_note_given = True
-            if self.token_note():
-                note(self.token_note())
+            if message := self.token_note():
+                note(message)
         b = images.shape[0]
         scale = self.logit_scale
         if self.experts is None:       # plain CLIP fine-tuning: explanations are not needed

@@ -75,7 +75,7 @@ def tower_files(model) -> dict:
 def tower_folder(files: dict) -> Path:
     """The files written once into a folder named by their content ($ECLIP_CACHE/hf-text/<sha>; the
     temporary folder when the cache is not writable)."""
-    from eclip.explain.backends import eclip_cache_dir
+    from eclip.config import eclip_cache_dir
     if any(Path(name).name != name for name in files):
         raise EclipError(f"eclip header field {HEADER_KEY}: odd file names {sorted(files)}")
     digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16]

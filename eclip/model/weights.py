@@ -11,9 +11,9 @@ import struct
 import zipfile
 from pathlib import Path
 
+from eclip.checkpoint import MAX_HEADER
 from eclip.errors import EclipError
 
-SAFETENSORS_MAX_HEADER = 100 << 20    # safetensors itself refuses larger headers
 
 
 def convert_command(path: Path) -> str:
@@ -44,7 +44,7 @@ def sniff(path: Path) -> str:
         return "pickle"
     if len(head) >= 9:
         n = struct.unpack("<Q", head[:8])[0]
-        if head[8:9] == b"{" or n > SAFETENSORS_MAX_HEADER or n > size - 8:
+        if head[8:9] == b"{" or n > MAX_HEADER or n > size - 8:
             return "safetensors"   # its header says so, or a malformed one: safetensors names the fault
     raise EclipError(f"--pretrained {path}: not a weights file eclip can read (expected .safetensors)")
 

@@ -19,6 +19,7 @@ import threading
 from dataclasses import dataclass
 
 from eclip.errors import EclipError
+from eclip.serve.batching import DEFAULT_MAX_IMAGES, DEFAULT_MAX_WAIT
 
 
 @dataclass
@@ -28,8 +29,8 @@ class ServeOptions:
     port: int = 8000
     token_env: str | None = None        # name of the environment variable holding the token
     max_upload_mb: float = 20.0
-    batch_wait_ms: float = 10.0         # how long the model thread waits for requests still arriving
-    max_batch: int = 32                 # images in one forward pass
+    batch_wait_ms: float = DEFAULT_MAX_WAIT * 1000     # how long the model thread waits for requests still arriving
+    max_batch: int = DEFAULT_MAX_IMAGES                # images in one forward pass
     search: str = "auto"                # gallery search method (eclip.gallery.METHODS)
 
 

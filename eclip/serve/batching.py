@@ -64,19 +64,15 @@ class Batcher:
             self._arriving += 1
         return Arrival(self)
 
-    def _submit(self, job: Job, counted: bool) -> Future:
+    def _submit(self, job: Job) -> Future:
         with self._cond:
             if self._stopping:
                 job.future.set_exception(RuntimeError("the server is shutting down"))
             else:
                 self._jobs.append(job)
-            if counted:
-                self._arriving -= 1
+            self._arriving -= 1
             self._cond.notify_all()
         return job.future
-
-    def submit(self, images: list, texts: list[str], finish: Callable) -> Future:
-        return self._submit(Job(images, texts, finish), counted=False)
 
     def _leave(self) -> None:
         with self._cond:
@@ -149,7 +145,7 @@ class Arrival:
         if not self._open:
             raise RuntimeError("this arrival already submitted its job")
         self._open = False
-        return self._batcher._submit(Job(images, texts, finish), counted=True)
+        return self._batcher._submit(Job(images, texts, finish))
 
     def __enter__(self) -> "Arrival":
         return self

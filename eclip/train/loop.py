@@ -9,12 +9,11 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import replace
 
 import torch
 
 from eclip.atomic import disk_full
-from eclip.config import TrainConfig
+from eclip.config import SELECT_BY, TrainConfig
 from eclip.errors import EclipError
 from eclip.lock import lock_folder
 from eclip.train.record import Recorder, announce, plot_curves
@@ -22,7 +21,6 @@ from eclip.train.rundir import RunDir, with_absolute_paths
 from eclip.train.step import clamp_logit_scale, common_batch, forward_backward, negatives_generator
 
 LOSSES = ("loss", "vtc", "gfm", "vtc_star")
-SELECT_BY = ("rsum", "val-loss")
 
 
 def train(cfg: TrainConfig, resume: bool = False, splits=None) -> dict:
@@ -76,8 +74,8 @@ class Trainer:
         from accelerate.utils import set_seed
 
         from eclip.data.dataset import PairDataset, SkipLog
-        from eclip.train.setup import (build_model, cosine_schedule, group_ids, make_optimizer, pair_loader,
-                                       read_splits, resolve_validation, validation_line)
+        from eclip.train.inputs import read_splits, resolve_validation, validation_line
+        from eclip.train.setup import build_model, cosine_schedule, group_ids, make_optimizer, pair_loader
         acc = self.acc
         cfg = resolve_validation(with_absolute_paths(cfg))   # config.json then resumes from any directory
         if not resume:
@@ -125,8 +123,8 @@ class Trainer:
                  f"per epoch, {self.total_steps} optimizer steps) on {acc.num_processes} process(es), "
                  f"{acc.device.type}, {cfg.precision}, {'EntityCLIP' if self.experts else 'plain CLIP'}; "
                  f"{where}; {validating}", self.main)
-        if self.core.token_note():
-            announce(self.core.token_note(), self.main)
+        if message := self.core.token_note():
+            announce(message, self.main)
         self.core.token_note_given = True            # said here, on the main process only
 
     def _restore(self, resume: bool):

@@ -5,15 +5,12 @@ import hashlib
 import math
 import os
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Sampler
 
 from eclip.config import ExpertConfig, LossConfig, TrainConfig
 from eclip.errors import EclipError
-from eclip.train.inputs import (DEFAULT_VAL_FRACTION, hold_out, read_splits,  # noqa: F401 (their home is
-                                resolve_validation, validation_line)            # torch-free: eclip.train.inputs)
 
 PRECISIONS = {"fp32": "no", "fp16": "fp16", "bf16": "bf16"}
 

@@ -4,7 +4,6 @@ contrastive loss the reference selects its checkpoint by."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
 from eclip.data.dataset import collate_pairs
@@ -47,11 +46,9 @@ def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: float, c
     """The CLIP loss (symmetric cross-entropy, each pair its own class) over consecutive chunks of
     `chunk` pairs in dataset order, averaged over chunks: the reference's validation loss (its
     val loader's batches are twice the training batch, the last one smaller)."""
-    losses = []
-    for s in range(0, img.shape[0], chunk):
-        logits = logit_scale * img[s:s + chunk] @ txt[s:s + chunk].T
-        labels = torch.arange(logits.shape[0], device=logits.device)
-        losses.append((F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2)
+    from open_clip.loss import ClipLoss
+    clip_loss = ClipLoss()      # one process: these are all the pairs
+    losses = [clip_loss(img[s:s + chunk], txt[s:s + chunk], logit_scale) for s in range(0, img.shape[0], chunk)]
     return float(torch.stack(losses).mean())
 
 

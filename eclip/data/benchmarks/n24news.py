@@ -14,7 +14,7 @@ entities. The EntityCLIP authors' explanation files key a record by its image fi
 from __future__ import annotations
 
 from eclip.data.benchmarks import image_folder_choice, no_layout, split_name, using
-from eclip.data.readers import _checked, _has_caption, _inside, _json_list, _root, _split_file
+from eclip.data.readers import _checked, _has_caption, _inside, _json_list, _root
 from eclip.data.records import Record
 from eclip.errors import EclipError
 
@@ -40,7 +40,7 @@ def read(root, split: str = "train", image_folder: str | None = None) -> list[Re
                              "dataset's README): put those files under news/, or pass --split all")
         folder = image_folder_choice(root, "N24News", image_folder, ("images", "imgs"), ("images", "imgs"))
         using("N24News", f"the build output nytimes_dataset.json (every record) with images in {folder}/")
-        return _records(root, _split_file(whole_file, "N24News", LAYOUTS[2]), folder)
+        return _records(root, whole_file, folder)
     raise no_layout(root, "N24News", split, LAYOUTS)
 
 
