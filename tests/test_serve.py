@@ -438,3 +438,42 @@ def test_option_errors_exit_2_with_one_line_before_loading(tmp_path, checkpoint,
             assert loads == [], args      # refused before any model was loaded
     finally:
         busy.close()
+
+
+SERVE_ON_MAIN = """
+import json, os, signal, sys, threading
+import httpx
+from eclip.config import ModelSpec
+from eclip.match import Matcher
+from eclip.serve import Server, ServeOptions
+matcher = Matcher.from_spec(ModelSpec(checkpoint=sys.argv[1], device="cpu"))
+threads, encode = [], matcher.encode_pixels
+def recording(pixels):
+    threads.append(threading.current_thread() is threading.main_thread())
+    return encode(pixels)
+matcher.encode_pixels = recording
+server = Server(matcher, ServeOptions(port=0))
+def client():
+    server.started.wait(60)
+    with open(sys.argv[2], "rb") as f:
+        files = [("image", ("cat.jpg", f.read(), "image/jpeg"))]
+    codes = [httpx.post(server.url + "/match", files=files, data={"caption": "a cat"}, timeout=60).status_code
+             for _ in range(3)]
+    print(json.dumps({"codes": codes}), flush=True)
+    os.kill(os.getpid(), signal.SIGTERM)
+threading.Thread(target=client, daemon=True).start()
+server.run()
+print(json.dumps({"on_main_thread": threads}), flush=True)
+"""
+
+
+def test_on_the_main_thread_the_model_runs_there_and_sigterm_ends_run(checkpoint, real_images):
+    """Server.run on the main thread (as `eclip serve` calls it) keeps the forward passes there:
+    torch's OpenMP runs 1.4x slower on 2 cores when a second thread starts its parallel regions
+    (eclip.serve.batching). SIGTERM then ends run() normally."""
+    proc = subprocess.run([sys.executable, "-c", SERVE_ON_MAIN, str(checkpoint[0]), str(real_images["chelsea"])],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert lines[0] == {"codes": [200, 200, 200]}
+    assert lines[1] == {"on_main_thread": [True, True, True]}

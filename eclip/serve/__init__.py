@@ -126,7 +126,34 @@ class Server:
         self.started.set()
 
     def run(self) -> None:
-        self._uvicorn.run(sockets=[self.socket])
+        """Serve until stop() or, on the main thread, SIGTERM / Ctrl-C. On the main thread the model
+        loop keeps it and uvicorn gets another (the reason: eclip.serve.batching)."""
+        if threading.current_thread() is not threading.main_thread():
+            self._uvicorn.run(sockets=[self.socket])
+            return
+        batcher, failure = self.state.batcher, []
+        batcher.on_caller = True
+
+        def http():
+            try:
+                self._uvicorn.run(sockets=[self.socket])
+            except BaseException as e:   # re-raised on the main thread below
+                failure.append(e)
+            finally:
+                batcher.stop()           # the model loop ends even when uvicorn never started
+
+        signals = (signal.SIGINT, signal.SIGTERM)
+        previous = {sig: signal.signal(sig, self._uvicorn.handle_exit) for sig in signals}
+        thread = threading.Thread(target=http, name="eclip-serve-http", daemon=True)
+        try:
+            thread.start()
+            batcher.run()
+            thread.join()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        if failure:
+            raise failure[0]
 
     def stop(self) -> None:
         self._uvicorn.should_exit = True
@@ -134,7 +161,9 @@ class Server:
 
 class _Uvicorn:
     """uvicorn.Server that announces itself once listening and, after a clean shutdown on SIGTERM
-    or Ctrl-C, returns normally (uvicorn re-raises the signal, which would end with status 143/130)."""
+    or Ctrl-C, returns normally (uvicorn re-raises the signal, which would end with status 143/130).
+    It never runs on the main thread, so it installs no handlers: Server.run's main thread routes
+    the signals to handle_exit."""
 
     def __new__(cls, config, on_started):
         import uvicorn
@@ -146,17 +175,8 @@ class _Uvicorn:
                     on_started()
 
             @contextlib.contextmanager
-            def capture_signals(self):
-                if threading.current_thread() is not threading.main_thread():
-                    yield
-                    return
-                signals = (signal.SIGINT, signal.SIGTERM)
-                previous = {sig: signal.signal(sig, self.handle_exit) for sig in signals}
-                try:
-                    yield
-                finally:
-                    for sig, handler in previous.items():
-                        signal.signal(sig, handler)
+            def capture_signals(self):   # Server.run routes SIGTERM / Ctrl-C to handle_exit
+                yield
 
         return Quiet(config)
 

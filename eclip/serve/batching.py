@@ -11,6 +11,12 @@ being read and decoded (`arrive()` counts them) it waits for them up to `max_wai
 requests arriving together become one batch, a lone request is never held back. All torch
 work (the tensor stage of preprocessing, the forward, the scores) happens on the model
 thread, so the model is never used by two requests at once and torch keeps one OpenMP team.
+
+`eclip serve` runs that loop on the main thread (`run()`) and uvicorn on another: torch's
+OpenMP (libgomp) spins its team's idle threads only while it manages no more threads than
+there are cores, and a second thread starting parallel regions (a model thread beside the
+main one) pushes it past that on a small machine, where every forward pass then paid the
+wake-up of sleeping threads: 1.4x the main thread's time on 2 cores (bench/bench_serve.py).
 """
 from __future__ import annotations
 
@@ -44,11 +50,18 @@ class Batcher:
         self._arriving = 0
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="eclip-serve-model", daemon=True)
+        self.on_caller = False             # run() owns a thread that the caller gives; start() starts none
         self.stats = {"jobs": 0, "batches": 0, "largest_batch": 0, "busy_s": 0.0}
 
     def start(self) -> "Batcher":
-        self._thread.start()
+        """The model loop on a thread of its own, unless `on_caller` says run() has one."""
+        if not self.on_caller:
+            self._thread.start()
         return self
+
+    def run(self) -> None:
+        """The model loop on the calling thread until stop() (set `on_caller` before start())."""
+        self._run()
 
     def stop(self, timeout: float = 30.0) -> None:
         """Finish the jobs already queued, then end the model thread."""
