@@ -429,7 +429,7 @@ def test_option_errors_exit_2_with_one_line_before_loading(tmp_path, checkpoint,
              (["--port", str(busy.getsockname()[1])], "cannot listen there")]
     from eclip.match import Matcher
     loads = []
-    monkeypatch.setattr(Matcher, "from_spec", classmethod(lambda cls, spec: loads.append(spec)))
+    monkeypatch.setattr(Matcher, "from_spec", classmethod(lambda cls, spec, engine=None: loads.append(spec)))
     try:
         for args, message in cases:
             result = CliRunner(mix_stderr=False).invoke(app, ["serve", "--checkpoint", str(checkpoint[0]), *args])
@@ -438,6 +438,19 @@ def test_option_errors_exit_2_with_one_line_before_loading(tmp_path, checkpoint,
             assert loads == [], args      # refused before any model was loaded
     finally:
         busy.close()
+
+
+def test_model_and_search_options_reach_the_server(monkeypatch):
+    import eclip.serve
+    got = []
+    monkeypatch.setattr(eclip.serve, "serve", lambda spec, options: got.append((spec, options)))
+    result = CliRunner(mix_stderr=False).invoke(app, ["serve", "--model", "ViT-B-32", "--pretrained", "none",
+                                                      "--seed", "7", "--engine", "torch", "--search", "exact"])
+    assert result.exit_code == 0, result.stderr
+    spec, options = got[0]
+    assert (spec.seed, spec.pretrained, options.engine, options.search) == (7, "none", "torch", "exact")
+    bad = CliRunner(mix_stderr=False).invoke(app, ["serve", "--search", "fastest"])
+    assert bad.exit_code == 2 and "--search" in bad.stderr
 
 
 SERVE_ON_MAIN = """

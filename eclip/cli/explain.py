@@ -9,7 +9,7 @@ import typer
 from typing_extensions import Annotated
 
 from eclip.cli import app
-from eclip.cli.options import (DATA_PANEL, MODEL_PANEL, DataRoot, Dataset, Device, ImageFolder, Json, Precision,
+from eclip.cli.options import (DATA_PANEL, DataRoot, Dataset, Device, ImageFolder, Json, Precision,
                                PrecisionOpt, Split, user_errors)
 from eclip.errors import EclipError
 

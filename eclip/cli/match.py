@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import sys
-from enum import Enum
 from pathlib import Path
 from typing import List, Optional
 
@@ -11,14 +10,7 @@ from typing_extensions import Annotated
 
 from eclip.cli import app
 from eclip.cli.options import (Checkpoint, Device, Engine, EngineOpt, Json, Model, Precision, PrecisionOpt,
-                               Pretrained, Seed, model_spec, user_errors)
-
-
-class Search(str, Enum):
-    auto = "auto"
-    exact = "exact"
-    flat = "flat"
-    ivf = "ivf"
+                               Pretrained, Search, SearchOpt, Seed, model_spec, user_errors)
 
 
 HELP = """Score images against captions (cosine similarity of the CLIP features).
@@ -54,9 +46,7 @@ def match(
     gallery: Annotated[Optional[Path], typer.Option(
         "--gallery", show_default=False, help="Folder written by `eclip embed`: search it instead of scoring pairs.")] = None,
     top_k: Annotated[int, typer.Option("--top-k", "-k", help="Results per query with --gallery.")] = 5,
-    search: Annotated[Search, typer.Option(
-        "--search", help="Gallery search: exact (brute force), flat (FAISS exact), ivf (FAISS approximate), "
-                         "auto (exact up to 50k rows, flat up to 1M, ivf above).")] = Search.auto,
+    search: SearchOpt = Search.auto,
     threshold: Annotated[Optional[float], typer.Option(
         "--threshold", show_default=False, help="Exit 0 when the best score reaches this value, 1 when not "
                             "(stdin: when every scored line reaches it).")] = None,

@@ -28,6 +28,13 @@ class Engine(str, Enum):
     torch = "torch"
 
 
+class Search(str, Enum):
+    auto = "auto"
+    exact = "exact"
+    flat = "flat"
+    ivf = "ivf"
+
+
 MODEL_PANEL = "Model"
 DATA_PANEL = "Data"
 
@@ -55,6 +62,9 @@ EngineOpt = Annotated[Engine, typer.Option(
     help="What runs the model: onnx (ONNX Runtime on the CPU, starts in a second or two; the model is "
          "exported to the eclip cache on first use), torch (GPU, fp16/bf16), or auto: onnx for fp32 on "
          "the CPU with a weights file or checkpoint, torch otherwise.")]
+SearchOpt = Annotated[Search, typer.Option(
+    "--search", help="Gallery search: exact (brute force), flat (FAISS exact), ivf (FAISS approximate), "
+                     "auto (exact up to 50k rows, flat up to 1M, ivf above).")]
 
 Dataset = Annotated[Optional[str], typer.Option(
     "--dataset", rich_help_panel=DATA_PANEL, show_default=False,

@@ -8,8 +8,8 @@ import typer
 from typing_extensions import Annotated
 
 from eclip.cli import app
-from eclip.cli.options import (Checkpoint, Device, Model, Precision, PrecisionOpt, Pretrained, model_spec,
-                               user_errors)
+from eclip.cli.options import (Checkpoint, Device, Engine, EngineOpt, Model, Precision, PrecisionOpt, Pretrained,
+                               Search, SearchOpt, Seed, model_spec, user_errors)
 
 HELP = """Serve matching and gallery search over HTTP, with a web page at /.
 
@@ -50,15 +50,19 @@ def serve(
         "--batch-wait-ms", help="How long the model waits for requests that are still arriving, to encode "
                                 "them in one batch (a lone request never waits).")] = 10.0,
     max_batch: Annotated[int, typer.Option("--max-batch", help="Images encoded in one forward pass at most.")] = 32,
+    search: SearchOpt = Search.auto,
     model: Model = None,
     pretrained: Pretrained = None,
     checkpoint: Checkpoint = None,
     device: Device = None,
     precision: PrecisionOpt = Precision.fp32,
+    seed: Seed = None,
+    engine: EngineOpt = Engine.auto,
 ):
     with user_errors():
         from eclip.serve import ServeOptions
         from eclip.serve import serve as run_server
         options = ServeOptions(gallery=str(gallery) if gallery else None, host=host, port=port, token_env=token_env,
-                               max_upload_mb=max_upload_mb, batch_wait_ms=batch_wait_ms, max_batch=max_batch)
-        run_server(model_spec(model, pretrained, checkpoint, device, precision), options)
+                               max_upload_mb=max_upload_mb, batch_wait_ms=batch_wait_ms, max_batch=max_batch,
+                               search=search.value, engine=engine.value)
+        run_server(model_spec(model, pretrained, checkpoint, device, precision, seed), options)

@@ -32,6 +32,7 @@ class ServeOptions:
     batch_wait_ms: float = DEFAULT_MAX_WAIT * 1000     # how long the model thread waits for requests still arriving
     max_batch: int = DEFAULT_MAX_IMAGES                # images in one forward pass
     search: str = "auto"                # gallery search method (eclip.gallery.METHODS)
+    engine: str | None = None           # auto | onnx | torch (eclip.model.inference); None: $ECLIP_ENGINE or auto
 
 
 def check_options(options: ServeOptions) -> str | None:
@@ -195,7 +196,7 @@ def serve(spec, options: ServeOptions) -> None:
     try:
         from eclip.match import Matcher
         note("eclip serve: loading the model")
-        matcher = Matcher.from_spec(spec)
+        matcher = Matcher.from_spec(spec, options.engine)
         if store is not None:
             store.check_model(matcher.model.identity())
         server = Server(matcher, options, store, token, sock=sock)
