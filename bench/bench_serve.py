@@ -18,7 +18,7 @@ why the server keeps its model on the main thread. The faster median is the base
 The ceiling printed last is the model's own gain from batching on this machine: batch 8 against
 batch 1, per request, on the main thread; requests/s at 16 clients cannot pass it.
 
-Run: python bench/bench_serve.py [--model ViT-B-32] [--requests 500] [--clients 1,16]
+Run: python bench/bench_serve.py [--model ViT-B-32] [--device cpu] [--requests 500] [--clients 1,16]
 """
 import argparse
 import io
@@ -42,7 +42,7 @@ def load_average() -> str:
 
 def start_server(args) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, "-m", "eclip", "serve", "--model", args.model, "--pretrained", args.pretrained,
-           "--device", "cpu", "--port", "0", "--batch-wait-ms", str(args.batch_wait_ms)]
+           "--device", args.device, "--port", "0", "--batch-wait-ms", str(args.batch_wait_ms)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "HF_HUB_OFFLINE": "1", "ECLIP_QUIET": "1"})
     for line in proc.stderr:
@@ -140,6 +140,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="ViT-B-32")
     ap.add_argument("--pretrained", default="none", help="random weights cost the same as trained ones")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, ... (the server's and the bare forward's)")
     ap.add_argument("--requests", type=int, default=500, help="requests per phase")
     ap.add_argument("--clients", default="1,16")
     ap.add_argument("--max-seconds", type=float, default=240, help="time limit of each setting (all rounds)")
@@ -158,7 +159,7 @@ def main() -> int:
     proc, url = start_server(args)
     try:
         images = photos()
-        matcher = Matcher.from_spec(ModelSpec(model=args.model, pretrained=args.pretrained, device="cpu"))
+        matcher = Matcher.from_spec(ModelSpec(model=args.model, pretrained=args.pretrained, device=args.device))
         from eclip.data.images import load_image
         pixels = matcher.model.preprocess(load_image(io.BytesIO(images[0][1])))
         captions = Captions("bench")
@@ -190,7 +191,7 @@ def main() -> int:
     finally:
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(60)
-    print(f"model {args.model} ({args.pretrained}), CPU; server stopped with SIGTERM -> exit {code}")
+    print(f"model {args.model} ({args.pretrained}) on {args.device}; server stopped with SIGTERM -> exit {code}")
     for where, times in forward.items():
         print(f"bare forward on {where}, 1 image + 1 new caption: median {1000 * statistics.median(times):.1f} ms "
               f"(min {1000 * min(times):.1f}, max {1000 * max(times):.1f}, n={len(times)})")
