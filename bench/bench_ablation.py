@@ -65,8 +65,9 @@ def main(argv=None) -> int:
 
     from eclip.data.demo_set import build_demo_set
     data = out / "data"
+    demo.forget_other_settings(out, settings, made=("data", "runs", "results.jsonl", "appearance.jsonl"))
     if not (data / "test.jsonl").is_file():
-        build_demo_set(data, n_flags=settings["n_flags"], include_optional=False)
+        build_demo_set(data, n_flags=settings["n_flags"], views_per_entity=settings["views"], include_optional=False)
     import appearance
     caches = {"llm": str(demo.SHIPPED), "appearance": str(out / "appearance.jsonl")}
     appearance.write_cache(data / "train.jsonl", caches["appearance"])
@@ -146,7 +147,8 @@ def table(rows: list, seeds: list, settings: dict, machine: str, seconds: float,
     n = rows[0]["n_images"] if rows else 0
     lines = [f"Test split of the demo set: {n} images and captions (chance R@1 = {100 / max(n, 1):.1f}%). "
              f"Mean ± standard deviation over seeds {', '.join(map(str, seeds))}; every trained row: "
-             f"examples/tiny-vit.json from random weights, {settings['epochs']} epochs of batch "
+             f"examples/tiny-vit.json from random weights, {settings['views'] - 2} training views per entity, "
+             f"{settings['epochs']} epochs of batch "
              f"{settings['batch_size']}, lr {settings['lr']} (warm-up {settings['warmup_steps']} steps, cosine), "
              f"weight decay {settings['weight_decay']}, --augment, 2/2/2 experts; the last checkpoint, and in "
              f"the last column the one with the best validation rsum.",

@@ -34,8 +34,9 @@ LIVE = ("grace-hopper-0", "chelsea-the-cat-0", "flag-france-0", "flag-japan-0")
 # Both models: the same model config from random weights, steps, seed and --augment. 60 epochs of 25
 # steps is what two runs at once fit in about 5 minutes on 2 cores. The demo evaluates the last
 # checkpoint (a fixed budget): its 203 validation pairs are plotted, not used to pick an epoch.
-FULL = dict(n_flags=None, live=4, epochs=60, batch_size=32, lr=2e-3, weight_decay=0.1, warmup_steps=100)
-QUICK = dict(n_flags=12, live=1, epochs=2, batch_size=16, lr=2e-3, weight_decay=0.1, warmup_steps=0)
+# views: image views per entity; views 4 and 5 are val and test, the other six train (eclip.data.demo_set).
+FULL = dict(n_flags=None, views=8, live=4, epochs=60, batch_size=32, lr=2e-3, weight_decay=0.1, warmup_steps=100)
+QUICK = dict(n_flags=12, views=6, live=1, epochs=2, batch_size=16, lr=2e-3, weight_decay=0.1, warmup_steps=0)
 MODELS = {"EntityCLIP": False, "CLIP fine-tuned (--no-experts)": True}     # name -> --no-experts
 
 
@@ -70,9 +71,10 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
 
     data = out / "data"
-    say("1/5 data", f"python examples/build_demo_data.py --output {data}")
+    say("1/5 data", f"python examples/build_demo_data.py --output {data} --views {p['views']}")
+    forget_other_settings(out, p)
     if not (data / "test.jsonl").is_file():
-        build_demo_set(data, n_flags=p["n_flags"], include_optional=False)
+        build_demo_set(data, n_flags=p["n_flags"], views_per_entity=p["views"], include_optional=False)
     train_file, test_file = data / "train.jsonl", data / "test.jsonl"
     records = read_dataset(str(train_file))
     err.print(f"{len(records)} training pairs, "
@@ -122,6 +124,25 @@ def main(argv=None) -> int:
     stdout.print(f"validation recall curves: {plot}")
     stdout.print(f"everything: {out / 'summary.json'}   ({summary['elapsed_s']:.0f} s)")
     return 0
+
+
+def forget_other_settings(out: Path, p: dict, made=("data", "runs")) -> None:
+    """OUT/settings.json records the settings that what OUT holds (`made`) was made with; other
+    settings (an earlier version's, or --quick against a full run) start again from a fresh data set."""
+    import shutil
+
+    from eclip.atomic import write_text
+    from eclip.console import note
+    stamp = out / "settings.json"
+    if stamp.is_file() and json.loads(stamp.read_text(encoding="utf-8")) != p:
+        note(f"{out}: made with other settings; building the data set and training again")
+        for name in made:
+            path = out / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+    write_text(stamp, json.dumps(p, indent=2))
 
 
 def train_args(p: dict, data: Path, run: Path, seed: int = 42, no_experts: bool = False,

@@ -213,3 +213,18 @@ def test_records_read_back_through_eclip_readers(small_set):
     records = readers.read_dataset(str(out / "val.jsonl"), None, "val")
     assert len(records) == len(read_split(out, "val"))
     assert all(Path(r.image).is_absolute() and Path(r.image).is_file() and r.entities for r in records)
+
+
+def test_more_views_add_training_views_and_keep_val_and_test(tmp_path):
+    """Views beyond the sixth train: the val and test pairs, images included, stay byte for byte."""
+    six, eight = tmp_path / "six", tmp_path / "eight"
+    build_demo_set(six, n_flags=3, views_per_entity=6, image_size=SIZE)
+    build_demo_set(eight, n_flags=3, views_per_entity=8, image_size=SIZE)
+    for split in ("val", "test"):
+        assert (eight / f"{split}.jsonl").read_text() == (six / f"{split}.jsonl").read_text()
+        for line in (six / f"{split}.jsonl").read_text().splitlines():
+            image = json.loads(line)["image"]
+            assert (eight / image).read_bytes() == (six / image).read_bytes(), image
+    train = [json.loads(line) for line in (eight / "train.jsonl").read_text().splitlines()]
+    assert sorted({int(Path(r["image"]).stem) for r in train}) == [0, 1, 2, 3, 6, 7]
+    assert len(train) == 6 * len((six / "test.jsonl").read_text().splitlines())

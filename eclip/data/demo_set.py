@@ -5,10 +5,12 @@ of scikit-image (Eileen Collins, DSCOVR on a Falcon 9, Chelsea the cat, ...), ma
 portrait of Grace Hopper, and scikit-learn's china.jpg when scikit-learn is installed.
 
 Each entity gets `views_per_entity` image views (crops, scale, small rotations, lighting;
-never flips: a mirrored flag is another flag) and several caption phrasings. Views
-0..k-3 and the train phrasings go to train, view k-2 to val, view k-1 to test, each
-with phrasings that no other split uses, so val/test measure matching of the entity,
-not recall of a seen image or sentence. Output (eclip's generic JSONL format):
+never flips: a mirrored flag is another flag) and several caption phrasings. Of the first
+six views (or of all k when k < 6), the last two go to val and test and the others, with the
+train phrasings, to train; views beyond the sixth are more training views, so the val and
+test images are the same for any k >= 6. Val and test use phrasings that no other split
+uses, so they measure matching of the entity, not recall of a seen image or sentence.
+Output (eclip's generic JSONL format):
 
     out_dir/images/<entity-slug>/<view>.jpg
     out_dir/{train,val,test}.jsonl   {"id", "image" (relative to the .jsonl), "text", "entities"}
@@ -469,7 +471,9 @@ def entity_views(entity: DemoEntity, n: int, seed: int, size: int) -> list:
 
 
 def _split_of(view: int, n: int) -> str:
-    return "train" if view < n - 2 else ("val" if view == n - 2 else "test")
+    """Views 4 and 5 are val and test (n - 2 and n - 1 when n < 6); every other view trains."""
+    val = min(n, 6) - 2
+    return "val" if view == val else "test" if view == val + 1 else "train"
 
 
 def _caption(entity: DemoEntity, split: str, view: int) -> str:
@@ -504,7 +508,7 @@ def _readme(entities, counts, views_per_entity, seed, image_size) -> str:
         "from images that registry packages ship. See examples/DATA.md for the licences.",
         "",
         f"seed={seed} views_per_entity={views_per_entity} image_size={image_size} "
-        f"(views 0..{views_per_entity - 3} train, {views_per_entity - 2} val, {views_per_entity - 1} test)",
+        f"(view {min(views_per_entity, 6) - 2} val, {min(views_per_entity, 6) - 1} test, the others train)",
         "records: " + ", ".join(f"{s}={counts[s]}" for s in SPLITS) + f"; entities={counts['entities']}",
         "",
         "Sources:",
