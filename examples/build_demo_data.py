@@ -18,7 +18,8 @@ def main(argv=None) -> int:
     parser.add_argument("--output", required=True, help="folder to write (replaced if it holds an earlier demo set)")
     parser.add_argument("--n-flags", type=int, default=None, help="use this many of the 195 flags (default: all)")
     parser.add_argument("--views", type=int, default=6,
-                        help="image views per entity: the last two go to val and test (default: 6)")
+                        help="image views per entity: views 4 and 5 go to val and test (the last two when fewer than 6), "
+                             "the others to train (default: 6; the demo builds 8)")
     parser.add_argument("--seed", type=int, default=0, help="the same seed gives the same files (default: 0)")
     parser.add_argument("--image-size", type=int, default=128, help="side of the square JPEG views (default: 128)")
     parser.add_argument("--no-photos", action="store_true", help="flags only")

@@ -38,3 +38,23 @@ def test_quick_demo_runs_the_whole_chain(tmp_path, capsys):
     assert main(["--quick", "--output", str(tmp_path)]) == 0
     again = json.loads((tmp_path / "summary.json").read_text())
     assert {n: Path(r["last_checkpoint"]).stat().st_mtime_ns for n, r in again["train"].items()} == stamp
+
+
+def test_other_settings_start_again_from_fresh_data(tmp_path):
+    """An output folder made with other settings (an earlier version's, or --quick) is not reused."""
+    forget = runpy.run_path(str(DEMO))["forget_other_settings"]
+    settings = {"views": 8, "epochs": 60}
+    for name in ("data", "runs"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "kept.txt").write_text("x")
+    forget(tmp_path, settings)                       # no record beside earlier output: made before settings.json
+    assert not (tmp_path / "data").exists() and not (tmp_path / "runs").exists()
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "kept.txt").write_text("x")
+    forget(tmp_path, settings)                       # the same settings: kept
+    assert (tmp_path / "runs" / "kept.txt").is_file()
+    (tmp_path / "results.jsonl").write_text("{}\n")
+    forget(tmp_path, {**settings, "views": 6}, made=("data", "runs", "results.jsonl"))
+    assert not (tmp_path / "data").exists() and not (tmp_path / "runs").exists()
+    assert not (tmp_path / "results.jsonl").exists()
+    assert json.loads((tmp_path / "settings.json").read_text()) == {**settings, "views": 6}
