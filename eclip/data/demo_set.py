@@ -470,9 +470,13 @@ def entity_views(entity: DemoEntity, n: int, seed: int, size: int) -> list:
     return [photo_view(source, rng, size) for _ in range(n)]
 
 
-def _split_of(view: int, n: int) -> str:
+def _val_view(n: int) -> int:
     """Views 4 and 5 are val and test (n - 2 and n - 1 when n < 6); every other view trains."""
-    val = min(n, 6) - 2
+    return min(n, 6) - 2
+
+
+def _split_of(view: int, n: int) -> str:
+    val = _val_view(n)
     return "val" if view == val else "test" if view == val + 1 else "train"
 
 
@@ -508,7 +512,7 @@ def _readme(entities, counts, views_per_entity, seed, image_size) -> str:
         "from images that registry packages ship. See examples/DATA.md for the licences.",
         "",
         f"seed={seed} views_per_entity={views_per_entity} image_size={image_size} "
-        f"(view {min(views_per_entity, 6) - 2} val, {min(views_per_entity, 6) - 1} test, the others train)",
+        f"(view {_val_view(views_per_entity)} val, {_val_view(views_per_entity) + 1} test, the others train)",
         "records: " + ", ".join(f"{s}={counts[s]}" for s in SPLITS) + f"; entities={counts['entities']}",
         "",
         "Sources:",

@@ -128,31 +128,32 @@ class Server:
 
     def run(self) -> None:
         """Serve until stop() or, on the main thread, SIGTERM / Ctrl-C. On the main thread the model
-        loop keeps it and uvicorn gets another (the reason: eclip.serve.batching)."""
-        if threading.current_thread() is not threading.main_thread():
-            self._uvicorn.run(sockets=[self.socket])
-            return
+        loop keeps it and uvicorn gets another (the reason: eclip.serve.batching). The model loop
+        ends after uvicorn's graceful shutdown, so the requests in flight are answered."""
         batcher, failure = self.state.batcher, []
-        batcher.on_caller = True
 
         def http():
             try:
                 self._uvicorn.run(sockets=[self.socket])
-            except BaseException as e:   # re-raised on the main thread below
+            except BaseException as e:   # re-raised by run() below
                 failure.append(e)
             finally:
                 batcher.stop()           # the model loop ends even when uvicorn never started
 
-        signals = (signal.SIGINT, signal.SIGTERM)
-        previous = {sig: signal.signal(sig, self._uvicorn.handle_exit) for sig in signals}
-        thread = threading.Thread(target=http, name="eclip-serve-http", daemon=True)
-        try:
-            thread.start()
-            batcher.run()
-            thread.join()
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+        if threading.current_thread() is not threading.main_thread():
+            batcher.start()
+            http()
+        else:
+            signals = (signal.SIGINT, signal.SIGTERM)
+            previous = {sig: signal.signal(sig, self._uvicorn.handle_exit) for sig in signals}
+            thread = threading.Thread(target=http, name="eclip-serve-http", daemon=True)
+            try:
+                thread.start()
+                batcher.run()
+                thread.join()
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
         if failure:
             raise failure[0]
 

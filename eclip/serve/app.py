@@ -11,7 +11,6 @@ every refusal is {"error": "..."} with a 4xx code, and the server goes on servin
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import io
 import math
 import os
@@ -20,7 +19,6 @@ from dataclasses import dataclass, field
 from importlib import resources
 
 from starlette.applications import Starlette
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
@@ -80,14 +78,6 @@ def build_app(state: ServerState, token: str | None = None, max_upload_bytes: in
                 return JSONResponse({"error": "internal error"}, status_code=500)
         return wrapped
 
-    @contextlib.asynccontextmanager
-    async def lifespan(app):
-        state.batcher.start()
-        try:
-            yield
-        finally:
-            await run_in_threadpool(state.batcher.stop)
-
     async def http_error(request, exc):   # unknown path, wrong method
         return JSONResponse({"error": f"{exc.detail}: {request.method} {request.url.path}"},
                             status_code=exc.status_code)
@@ -98,7 +88,7 @@ def build_app(state: ServerState, token: str | None = None, max_upload_bytes: in
               Route("/health", endpoint(health), methods=["GET"]),
               Route("/", endpoint(page), methods=["GET"]),
               Route("/static/{name}", endpoint(static), methods=["GET"])]
-    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
+    app = Starlette(routes=routes, exception_handlers={HTTPException: http_error})
     app = BodyLimit(app, max_upload_bytes)
     if token:
         app = TokenAuth(app, token)

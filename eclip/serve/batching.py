@@ -50,17 +50,15 @@ class Batcher:
         self._arriving = 0
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="eclip-serve-model", daemon=True)
-        self.on_caller = False             # run() owns a thread that the caller gives; start() starts none
         self.stats = {"jobs": 0, "batches": 0, "largest_batch": 0, "busy_s": 0.0}
 
     def start(self) -> "Batcher":
-        """The model loop on a thread of its own, unless `on_caller` says run() has one."""
-        if not self.on_caller:
-            self._thread.start()
+        """The model loop on a thread of its own."""
+        self._thread.start()
         return self
 
     def run(self) -> None:
-        """The model loop on the calling thread until stop() (set `on_caller` before start())."""
+        """The model loop on the calling thread, until stop() (instead of start())."""
         self._run()
 
     def stop(self, timeout: float = 30.0) -> None:
