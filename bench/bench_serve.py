@@ -186,7 +186,13 @@ def main() -> int:
                 part.update(batches=after["batches"] - before["batches"], jobs=after["jobs"] - before["jobs"],
                             busy_s=after["busy_s"] - before["busy_s"])
                 parts[c].append(part)
+                if part["latencies"]:
+                    print(f"round {r + 1}: {c:2d} client(s): p50 {1000 * statistics.median(part['latencies']):.1f} ms, "
+                          f"{len(part['latencies']) / part['wall_s']:.2f} requests/s, "
+                          f"{part['jobs'] / max(1, part['batches']):.1f} requests per forward pass", flush=True)
             measure()
+            print(f"round {r + 1}: bare forward on the main thread, median so far "
+                  f"{1000 * statistics.median(forward['main thread']):.1f} ms", flush=True)
         results = [summary(c, parts[c]) for c in clients]
     finally:
         proc.send_signal(signal.SIGTERM)

@@ -68,7 +68,9 @@ def child(args) -> dict:
             # the baseline model skips explanations, so run their text pass (forward and backward) here
             out = model(batch["images"], batch["caption_tokens"], batch["caption_tokens"][:0], group_ids=groups,
                         generator=negatives_generator(42, i))
-            acc.backward(out["loss"] + 0.0 * core.clip.encode_text(batch["explanation_tokens"]).float().sum())
+            with acc.autocast():   # as forward_backward's own pass runs under --precision
+                extra = core.clip.encode_text(batch["explanation_tokens"]).float().sum()
+            acc.backward(out["loss"] + 0.0 * extra)
         else:
             forward_backward(acc, model, batch, groups, negatives_generator(42, i), experts=use_expl)
         optimizer.step()
