@@ -14,7 +14,9 @@ the same seeds; only the row's own change differs. Each run is the `eclip train`
 prints (examples/demo.py, train_args), --jobs of them at once, one torch thread each. Reported: mean
 and sample standard deviation over seeds of test text->image R@1, image->text R@1 and rsum of the
 last checkpoint (the demo's fixed budget), and text->image R@1 of the checkpoint with the best
-validation rsum (what `eclip train` saves as best.safetensors).
+validation rsum (what `eclip train` saves as best.safetensors); and per seed, the demo's step 5 on
+the last checkpoint: how many named photographs rank their true caption first, on the test views
+and on the val views (so a photograph missed on test can be told from a pattern validation shows).
 
 Results are appended to OUTPUT/results.jsonl as each run finishes; a re-run skips what is there
 (and resumes a run that was killed half-way).
@@ -108,6 +110,8 @@ def main(argv=None) -> int:
 
     if jobs:
         demo.train_runs(jobs, max(1, args.jobs), done=finished)
+    backfill(results_file, lambda r: demo.photos_first(data, str(out / "runs" / f"{_slug(r['row'])}-{r['seed']}"
+                                                                  / "last.safetensors")))
 
     rows = [r for r in _read(results_file) if r["seed"] in seeds]
     machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
@@ -129,12 +133,27 @@ def untrained(data: Path, seed: int) -> dict:
 
 def trained(data: Path, summary: dict) -> dict:
     """A trained row: its last checkpoint (and, for one column, its best-validation one) on the test split."""
+    import demo
     from eclip.config import ModelSpec
     from eclip.evaluate import evaluate
     test = str(data / "test.jsonl")
     last = evaluate(ModelSpec(checkpoint=summary["last_checkpoint"], device="cpu"), dataset=test)
     best = evaluate(ModelSpec(checkpoint=summary["best_checkpoint"], device="cpu"), dataset=test)
-    return {**_metrics(last), "best_t2i_r1": best["text_to_image"]["R@1"], "best_epoch": summary.get("best_epoch")}
+    return {**_metrics(last), "best_t2i_r1": best["text_to_image"]["R@1"], "best_epoch": summary.get("best_epoch"),
+            **demo.photos_first(data, summary["last_checkpoint"])}
+
+
+def backfill(results_file: Path, photos_first) -> int:
+    """Results recorded before the photographs column: add it from the run's last checkpoint
+    (`photos_first(record)`), rewriting the file whole. Returns how many records gained it."""
+    from eclip.atomic import write_text
+    records = _read(results_file)
+    missing = [r for r in records if ROWS.get(r["row"]) is not None and "photos_first_test" not in r]
+    for r in missing:
+        r.update(photos_first(r))
+    if missing:
+        write_text(results_file, "".join(json.dumps(r) + "\n" for r in records))
+    return len(missing)
 
 
 def _metrics(result: dict) -> dict:
@@ -151,17 +170,23 @@ def table(rows: list, seeds: list, settings: dict, machine: str, seconds: float,
              f"{settings['epochs']} epochs of batch "
              f"{settings['batch_size']}, lr {settings['lr']} (warm-up {settings['warmup_steps']} steps, cosine), "
              f"weight decay {settings['weight_decay']}, --augment, 2/2/2 experts; the last checkpoint, and in "
-             f"the last column the one with the best validation rsum.",
+             f"the last column the one with the best validation rsum. Photographs first: the demo's step 5 "
+             f"per seed, on the test views (and, in brackets, the val views): how many of the named photographs "
+             f"rank their true caption first among that split's photographs' captions.",
              "",
-             "| row | T→I R@1 | I→T R@1 | rsum | T→I R@1 per seed | T→I R@1, best val |",
-             "| --- | --- | --- | --- | --- | --- |"]
+             "| row | T→I R@1 | I→T R@1 | rsum | T→I R@1 per seed | photographs first per seed | T→I R@1, best val |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for name in ROWS:
         mine = sorted((r for r in rows if r["row"] == name), key=lambda r: r["seed"])
         if not mine:
             continue
         cells = [_mean_sd([r[k] for r in mine]) for k in ("t2i_r1", "i2t_r1", "rsum")]
         per_seed = ", ".join(f"{r['t2i_r1']:.1f}" for r in mine)
-        lines.append(f"| {name} | {' | '.join(cells)} | {per_seed} | {_mean_sd([r['best_t2i_r1'] for r in mine])} |")
+        photos = ", ".join(f"{r['photos_first_test']} ({r['photos_first_val']})" for r in mine
+                           if "photos_first_test" in r)
+        photos += f" of {mine[0]['n_photos']}" if photos else ""
+        lines.append(f"| {name} | {' | '.join(cells)} | {per_seed} | {photos} | "
+                     f"{_mean_sd([r['best_t2i_r1'] for r in mine])} |")
     command = "python bench/bench_ablation.py" + (" --quick" if quick else "")
     lines += ["", f"`{command}`: {seconds / 60:.0f} min on {machine}."]
     return "\n".join(lines)

@@ -102,7 +102,7 @@ def main(argv=None) -> int:
                                  dataset=str(test_file))
     table = results_table(results)
 
-    photos = [r for r in read_dataset(str(test_file)) if not r.id.startswith("flag-")]
+    photos = named_photos(test_file)
     shown = next((r for r in photos if r.id.startswith("grace-hopper")), photos[0])
     say("5/5 match", f"eclip match {shown.image} " + " ".join(json.dumps(r.caption) for r in photos)
         + f" --checkpoint {summaries['EntityCLIP']['last_checkpoint']}")
@@ -266,6 +266,24 @@ def results_table(results: dict):
         table.add_row(name, *(f"{x:.1f}" for x in (t["R@1"], t["R@5"], t["R@10"], i["R@1"], i["R@5"], i["R@10"],
                                                     r["rsum"])))
     return table
+
+
+def named_photos(split_file: Path) -> list:
+    """The named photographs' records of one split (every record that is not a flag)."""
+    from eclip.data.readers import read_dataset
+    return [r for r in read_dataset(str(split_file)) if not r.id.startswith("flag-")]
+
+
+def photos_first(data: Path, checkpoint: str) -> dict:
+    """Step 5's criterion for one checkpoint, on the val and the test views: how many named
+    photographs rank their true caption first among that split's photographs' captions."""
+    out = {}
+    for split in ("val", "test"):
+        photos = named_photos(data / f"{split}.jsonl")
+        found = match_photos(photos, {"model": checkpoint})["model"]["results"]
+        out[f"photos_first_{split}"] = sum(r["rank"] == 1 for r in found)
+        out["n_photos"] = len(photos)
+    return out
 
 
 def match_photos(photos, checkpoints: dict) -> dict:
