@@ -33,6 +33,19 @@ def write_bytes(path, data: bytes) -> None:
         Path(tmp).write_bytes(data)
 
 
+def same_file(source, path) -> None:
+    """`path` becomes a whole copy of `source`, atomically: a hard link to it where the filesystem
+    allows (no bytes written; files written by atomic_path are replaced, never changed in place, so
+    the link keeps this version), else a copy."""
+    import shutil
+    with atomic_path(path) as tmp:
+        os.unlink(tmp)
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
+
+
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 NEARLY_FULL = 1 << 20   # bytes
 

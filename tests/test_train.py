@@ -232,6 +232,25 @@ def test_no_val_trains_on_everything_and_best_is_the_last(tmp_path, flags, monke
     best, last = load_file(run / "best.safetensors"), load_file(run / "last.safetensors")
     assert best.keys() == last.keys() and all(torch.equal(best[k], last[k]) for k in best)
     assert json.loads((run / "config.json").read_text())["no_val"] is True
+    # written once: best is a hard link to last (a second full write for nothing before)
+    assert (run / "best.safetensors").stat().st_ino == (run / "last.safetensors").stat().st_ino
+
+
+def test_same_file_links_or_copies_and_keeps_its_version(tmp_path, monkeypatch):
+    from eclip.atomic import same_file, write_bytes
+    source, target = tmp_path / "last.bin", tmp_path / "best.bin"
+    write_bytes(source, b"epoch 1")
+    same_file(source, target)
+    assert target.read_bytes() == b"epoch 1" and target.stat().st_ino == source.stat().st_ino
+    write_bytes(source, b"epoch 2")                  # a later save replaces last; best keeps its version
+    assert target.read_bytes() == b"epoch 1"
+
+    def no_links(*args):
+        raise OSError("hard links not supported")
+    monkeypatch.setattr("os.link", no_links)
+    same_file(source, target)                        # a filesystem without hard links: a copy
+    assert target.read_bytes() == b"epoch 2" and target.stat().st_ino != source.stat().st_ino
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.bin", "last.bin"]   # no temporary left
 
 
 @pytest.mark.parametrize("extra, message", [

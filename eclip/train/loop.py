@@ -264,14 +264,16 @@ class Trainer:
         self.rec.validation(values, best)
 
     def _save(self) -> None:
+        from eclip.atomic import same_file
         from eclip.checkpoint import save_checkpoint
         t = self.t
         if self.cfg.no_val:     # no validation: the best model is the last
             t["best_epoch"], t["best_step"] = t["epoch"], t["step"]
         if self.main:
-            save_checkpoint(self.core, self.run / "last.safetensors", extra={"step": t["step"], "epoch": t["epoch"]})
-            if self.cfg.no_val:
-                save_checkpoint(self.core, self.run / "best.safetensors", extra={"step": t["step"], "epoch": t["epoch"]})
+            last = save_checkpoint(self.core, self.run / "last.safetensors",
+                                   extra={"step": t["step"], "epoch": t["epoch"]})
+            if self.cfg.no_val:     # the same file, not written twice (a ViT-L is 1.7 GB)
+                same_file(last, self.run / "best.safetensors")
             t["log_bytes"] = self.rec.log_bytes()
             t["skipped_bytes"] = (self.run / "skipped.jsonl").stat().st_size
         t["elapsed_s"] = time.perf_counter() - self.start
