@@ -277,28 +277,35 @@ def named_photos(split_file: Path) -> list:
 def photos_first(data: Path, checkpoint: str) -> dict:
     """Step 5's criterion for one checkpoint, on the val and the test views: how many named
     photographs rank their true caption first among that split's photographs' captions."""
+    matcher = _matcher(checkpoint)      # loaded once for both splits
     out = {}
     for split in ("val", "test"):
         photos = named_photos(data / f"{split}.jsonl")
-        found = match_photos(photos, {"model": checkpoint})["model"]["results"]
-        out[f"photos_first_{split}"] = sum(r["rank"] == 1 for r in found)
-        out["n_photos"] = len(photos)
+        out[f"photos_first_{split}"] = sum(r["rank"] == 1 for r in rank_photos(matcher, photos)["results"])
+    out["n_photos"] = len(photos)
     return out
 
 
 def match_photos(photos, checkpoints: dict) -> dict:
     """Every held-out photograph against the captions of all test photographs, with each model."""
-    from eclip.match import Matcher, match_pairs
-    from eclip.model.factory import load_model
+    return {name: rank_photos(_matcher(ckpt), photos) for name, ckpt in checkpoints.items()}
+
+
+def rank_photos(matcher, photos) -> dict:
+    """match_pairs of the photographs against their captions, with each one's true caption and its rank."""
+    from eclip.match import match_pairs
     captions = [r.caption for r in photos]
-    out = {}
-    for name, ckpt in checkpoints.items():
-        found = match_pairs(Matcher(load_model(checkpoint=ckpt, device="cpu")), [r.image for r in photos], captions)
-        for r, res in zip(photos, found["results"]):
-            res["true_caption"] = r.caption
-            res["rank"] = 1 + [m["text"] for m in res["matches"]].index(r.caption)
-        out[name] = found
-    return out
+    found = match_pairs(matcher, [r.image for r in photos], captions)
+    for r, res in zip(photos, found["results"]):
+        res["true_caption"] = r.caption
+        res["rank"] = 1 + [m["text"] for m in res["matches"]].index(r.caption)
+    return found
+
+
+def _matcher(checkpoint: str):
+    from eclip.match import Matcher
+    from eclip.model.factory import load_model
+    return Matcher(load_model(checkpoint=checkpoint, device="cpu"))
 
 
 def photo_tables(matched: dict, photos, shown, data: Path):
