@@ -171,7 +171,7 @@ def main():
     from eclip.checkpoint import save_checkpoint
     from eclip.config import ModelSpec
     from eclip.data.images import load_image
-    from eclip.model.inference import load_inference_model
+    from eclip.model.factory import load_inference_model
     sys.path.insert(0, str(Path(__file__).parent))
     from bench_embed import write_images
     logging.getLogger().setLevel(logging.ERROR)

@@ -2,7 +2,7 @@
 (layout: eclip.embedstore).
 
 Throughput: DataLoader workers decode and preprocess images while the model runs, on ONNX Runtime
-(fp32 on the CPU) or torch (eclip.model.inference.load_encoder); the device comes from accelerate
+(fp32 on the CPU) or torch (eclip.runtime.engine.load_encoder); the device comes from accelerate
 (Accelerator().device) and --precision is autocast. Under `torchrun` /
 `accelerate launch` shard k goes to process k % world_size, so every input is embedded exactly
 once; process 0 writes the whole tables and the manifest after a barrier.
@@ -194,7 +194,7 @@ def _embed(spec, output, accelerator, started, image_items, text_items, pairs, s
                          f"folder, or --overwrite to replace them")
     rank, world = accelerator.process_index, accelerator.num_processes
     device = spec.device if (spec.device and world == 1) else str(accelerator.device)
-    from eclip.model.inference import load_encoder
+    from eclip.runtime.engine import load_encoder
     model = load_encoder(_with_device(spec, device), engine, throughput=True)   # ONNX Runtime or torch
     identity = model.identity()
     loaded = time.perf_counter()
@@ -309,7 +309,7 @@ def _recorded_spec(spec) -> dict:
 
 class _Run:
     """Embeds the shards one process owns, writing each as soon as its last batch is done.
-    `model`: an encoder (eclip.model.inference), ONNX Runtime or torch."""
+    `model`: an encoder (eclip.runtime.engine), ONNX Runtime or torch."""
 
     def __init__(self, model, output, identity, dtype, batch_size, workers, show_progress):
         self.model, self.output, self.identity = model, Path(output), identity

@@ -33,12 +33,12 @@ def looks_like_image_path(arg: str) -> bool:
 
 
 class Matcher:
-    """An encoder (eclip.model.inference: ONNX or torch) plus what matching needs: image
+    """An encoder (eclip.runtime.engine: ONNX or torch) plus what matching needs: image
     preparation, batching, a caption cache. Features and scores are float32 numpy arrays."""
 
     def __init__(self, encoder, precision: str = "fp32"):
         if hasattr(encoder, "clip"):   # an EntityCLIP model (library use, tests): run it on torch
-            from eclip.model.inference import TorchEncoder
+            from eclip.runtime.engine import TorchEncoder
             encoder = TorchEncoder(encoder.eval(), precision)
         self.encoder = encoder
         self.device = encoder.device
@@ -47,7 +47,7 @@ class Matcher:
 
     @classmethod
     def from_spec(cls, spec, engine: str | None = None) -> "Matcher":
-        from eclip.model.inference import load_encoder
+        from eclip.runtime.engine import load_encoder
         return cls(load_encoder(spec, engine))
 
     @property

@@ -95,11 +95,11 @@ def test_bad_input_exits_2_with_one_line(tmp_path, checkpoint, real_images, args
 
 
 def test_stdin_pipeline_keeps_order_and_reports_bad_lines(tmp_path, checkpoint, real_images, monkeypatch):
-    import eclip.model.inference
+    import eclip.runtime.engine
     path, model = checkpoint
     loads = []
-    real_load = eclip.model.inference.load_encoder
-    monkeypatch.setattr(eclip.model.inference, "load_encoder", lambda *a, **kw: loads.append(1) or real_load(*a, **kw))
+    real_load = eclip.runtime.engine.load_encoder
+    monkeypatch.setattr(eclip.runtime.engine, "load_encoder", lambda *a, **kw: loads.append(1) or real_load(*a, **kw))
     truncated = tmp_path / "half.jpg"
     data = real_images["coffee"].read_bytes()
     truncated.write_bytes(data[: len(data) // 2])

@@ -10,10 +10,10 @@ import torch
 
 from eclip.config import ModelSpec
 from eclip.errors import EclipError
-from eclip.model.inference import TorchEncoder, choose_engine, load_encoder
-from eclip.model.onnxclip import OnnxCLIP
+from eclip.runtime.engine import TorchEncoder, choose_engine, load_encoder
+from eclip.runtime.onnxclip import OnnxCLIP
 from eclip.model.source import resolve_source
-from eclip.model.transform import EvalTransform
+from eclip.runtime.transform import EvalTransform
 from test_tokenizer import CAPTIONS
 
 

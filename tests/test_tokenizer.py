@@ -5,7 +5,7 @@ import unicodedata
 import numpy as np
 import pytest
 
-from eclip.model.tokenizer import ClipTokenizer, fix_text
+from eclip.runtime.tokenizer import ClipTokenizer, fix_text
 
 CAPTIONS = [
     "",

@@ -95,6 +95,16 @@ def load_model(spec: ModelSpec | None = None, *, model=None, pretrained=None, ch
     return _cast(m, spec.precision)
 
 
+def load_inference_model(spec, source=None):
+    """The torch model for inference: CLIP towers only, fp32 weights (precision is autocast).
+
+    Experts and the matching head exist only for training; they are not built unless the
+    weights come from an eclip checkpoint (whose header describes them).
+    """
+    model = load_model(replace(spec, precision="fp32"), experts=ExpertConfig(enabled=False), source=source)
+    return model.eval()
+
+
 @contextlib.contextmanager
 def seeded(seed: int | None):
     """Draw from torch's CPU generator seeded with `seed` (open_clip initialises on the CPU), then give

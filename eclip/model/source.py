@@ -4,7 +4,7 @@ Every input error about a model (a missing or foreign checkpoint, a folder given
 unknown architecture or tag, weights that are not cached while the hub is unreachable) is found
 here, in milliseconds, before any engine loads. Both engines then start from the same
 `ModelSource`: the torch builder (eclip.model.factory) and the ONNX export cache
-(eclip.model.export), whose key is `ModelSource.key()`.
+(eclip.runtime.onnx_cache), whose key is `ModelSource.key()`.
 
 open_clip's pretrained-tag table is Python code in open_clip/pretrained.py, not data. It is
 read here by running that one file detached from its package (its optional torch and

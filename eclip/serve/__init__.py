@@ -32,7 +32,7 @@ class ServeOptions:
     batch_wait_ms: float = DEFAULT_MAX_WAIT * 1000     # how long the model thread waits for requests still arriving
     max_batch: int = DEFAULT_MAX_IMAGES                # images in one forward pass
     search: str = "auto"                # gallery search method (eclip.gallery.METHODS)
-    engine: str | None = None           # auto | onnx | torch (eclip.model.inference); None: $ECLIP_ENGINE or auto
+    engine: str | None = None           # auto | onnx | torch (eclip.runtime.engine); None: $ECLIP_ENGINE or auto
 
 
 def check_options(options: ServeOptions) -> str | None:

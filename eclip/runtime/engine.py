@@ -4,7 +4,7 @@ Inference is plain CLIP (METHOD.md, "Inference"). Two engines run it, behind one
 (`encode_images`, `encode_texts`, `preprocess`, `image_stages`, `identity`, `logit_scale`, `dim`),
 both returning float32 numpy features, L2-normalised:
 
-- "onnx": the CLIP towers exported once to ONNX (eclip.model.export) and run by ONNX Runtime,
+- "onnx": the CLIP towers exported once to ONNX (eclip.runtime.onnx_cache) and run by ONNX Runtime,
   with a torch-free tokenizer and preprocessing. No torch, no open_clip: a cold `eclip match`
   answers in about a second or two instead of spending most of ten importing them.
 - "torch": the EntityCLIP model from eclip.model.factory (GPU, fp16/bf16, models whose parts the
@@ -26,18 +26,6 @@ from eclip.errors import EclipError
 ENGINES = ("auto", "onnx", "torch")
 
 
-def load_inference_model(spec, source=None):
-    """The torch model for inference: CLIP towers only, fp32 weights (precision is autocast).
-
-    Experts and the matching head exist only for training; they are not built unless the
-    weights come from an eclip checkpoint (whose header describes them).
-    """
-    from eclip.config import ExpertConfig
-    from eclip.model.factory import load_model
-    model = load_model(replace(spec, precision="fp32"), experts=ExpertConfig(enabled=False), source=source)
-    return model.eval()
-
-
 def load_encoder(spec, engine: str | None = None, *, throughput: bool = False):
     """Model options (eclip.config.ModelSpec) -> OnnxCLIP or TorchEncoder. Bad options fail here,
     before either engine is imported. `throughput`: tune ONNX Runtime for large batches
@@ -45,12 +33,13 @@ def load_encoder(spec, engine: str | None = None, *, throughput: bool = False):
     from eclip.model.source import resolve_source
     source = resolve_source(spec)
     if choose_engine(spec, source, engine) == "onnx":
-        from eclip.model.export import load_or_export
+        from eclip.runtime.onnx_cache import load_or_export
         encoder = load_or_export(spec, source, throughput=throughput)
         if not isinstance(encoder, str):
             return encoder
         if (engine or os.environ.get("ECLIP_ENGINE")) == "onnx":
             raise EclipError(f"--engine onnx: this model does not run on ONNX Runtime ({encoder}); use --engine torch")
+    from eclip.model.factory import load_inference_model
     return TorchEncoder(load_inference_model(spec, source=source), spec.precision)
 
 

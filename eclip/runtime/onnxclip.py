@@ -1,7 +1,7 @@
-"""CLIP towers exported to ONNX (eclip.model.export), run by ONNX Runtime on the CPU.
+"""CLIP towers exported to ONNX (eclip.runtime.onnx_cache), run by ONNX Runtime on the CPU.
 
 The inference half of EntityCLIP without torch or open_clip: the tokenizer
-(eclip.model.tokenizer) and the preprocessing (eclip.model.transform) are numpy/PIL
+(eclip.runtime.tokenizer) and the preprocessing (eclip.runtime.transform) are numpy/PIL
 equivalents of open_clip's, and the two graphs end in the L2 normalisation, so the features
 equal the torch engine's to ~1e-6 (tests/test_onnx_engine.py checks 1e-4 on real photos).
 """
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from eclip.model.tokenizer import ClipTokenizer
-from eclip.model.transform import EvalTransform
+from eclip.runtime.tokenizer import ClipTokenizer
+from eclip.runtime.transform import EvalTransform
 
 
 def cpu_threads() -> int:
@@ -43,7 +43,7 @@ def session(path: Path, throughput: bool):
 
 
 class OnnxCLIP:
-    """encode_images / encode_texts on ONNX Runtime; the interface of eclip.model.inference.TorchEncoder."""
+    """encode_images / encode_texts on ONNX Runtime; the interface of eclip.runtime.engine.TorchEncoder."""
 
     engine = "onnx"
     device = "cpu"

@@ -85,7 +85,7 @@ def discard(folder: Path) -> None:
 def load_or_export(spec, source, throughput: bool = False):
     """The OnnxCLIP for these options, exporting it first if needed; or, when this model runs on
     torch only, the reason (cached too, so later runs do not try again)."""
-    from eclip.model.onnxclip import OnnxCLIP
+    from eclip.runtime.onnxclip import OnnxCLIP
     folder = entry_folder(source)
     for attempt in range(2):
         meta = read_entry(folder)
@@ -107,7 +107,7 @@ def export(spec, source, folder: Path) -> dict:
     from dataclasses import replace
 
     from eclip.console import note
-    from eclip.model.inference import load_inference_model
+    from eclip.model.factory import load_inference_model
     started = time.perf_counter()
     note(f"eclip: writing the ONNX copy of this model for fast CPU starts (once, about half a minute): {folder}")
     model = load_inference_model(replace(spec, device="cpu", precision="fp32"), source=source)
@@ -149,7 +149,7 @@ def _install(work: Path, folder: Path, meta: dict) -> None:
 
 def _export_into(model, work: Path) -> dict:
     """-> meta (without the keys export() adds); {"unsupported": reason} when ONNX cannot stand in."""
-    from eclip.model.transform import supports
+    from eclip.runtime.transform import supports
     tokenizer = clip_bpe_settings(model)
     if tokenizer is None:
         return {"unsupported": "the text tokenizer is not CLIP's BPE"}
@@ -169,7 +169,7 @@ def _export_into(model, work: Path) -> dict:
 
 
 def clip_bpe_settings(model) -> dict | None:
-    """The settings of eclip.model.tokenizer.ClipTokenizer that reproduce this model's tokenizer,
+    """The settings of eclip.runtime.tokenizer.ClipTokenizer that reproduce this model's tokenizer,
     or None when it is another kind (a Hugging Face tokenizer, a reduction mask)."""
     from open_clip.tokenizer import SimpleTokenizer
     tok = getattr(model.tokenizer, "_wrapped", model.tokenizer)   # under eclip.model.text_limit.CappedTokenizer
@@ -222,8 +222,8 @@ def _compare(model, work: Path, tokenizer: dict) -> float:
     import numpy as np
     import torch
 
-    from eclip.model.onnxclip import OnnxCLIP
-    from eclip.model.tokenizer import ClipTokenizer
+    from eclip.runtime.onnxclip import OnnxCLIP
+    from eclip.runtime.tokenizer import ClipTokenizer
     ours = ClipTokenizer(tokenizer["context_length"], tokenizer["clean"], tokenizer["additional_special_tokens"])
     if not np.array_equal(ours(SAMPLE_CAPTIONS), model.tokenize(SAMPLE_CAPTIONS).numpy()):
         return float("inf")

@@ -1,7 +1,7 @@
 """CLIP's byte-pair tokenizer without torch: the same token ids as open_clip's SimpleTokenizer.
 
 open_clip's tokenizer module imports torch (it returns tensors), so the ONNX inference path
-(eclip.model.onnxclip) cannot use it; this one returns numpy arrays. It reads the vocabulary
+(eclip.runtime.onnxclip) cannot use it; this one returns numpy arrays. It reads the vocabulary
 file that ships inside the open_clip wheel, cleans text the same way (ftfy, HTML unescaping
 twice, whitespace, lower case) and splits words with the same pattern.
 tests/test_tokenizer.py checks the ids against open_clip on awkward captions.
