@@ -42,9 +42,18 @@ def max_image_pixels() -> int:
         raise EclipError(f"ECLIP_MAX_IMAGE_PIXELS={value!r}: not a whole number of pixels") from None
 
 
-def load_image(path) -> Image.Image:
+def draft(im: Image.Image, reduce: tuple[int, int] | None) -> Image.Image:
+    """reduce=(ABOVE, SIDE): a JPEG of more than ABOVE pixels is decoded at 1/2, 1/4 or 1/8 of
+    its size (libjpeg's DCT scaling, far faster and smaller than decoding it whole), keeping
+    both sides at least SIDE pixels. Other formats, smaller JPEGs and None: unchanged."""
+    if reduce and im.format == "JPEG" and im.width * im.height > reduce[0]:
+        im.draft("RGB", (reduce[1], reduce[1]))
+    return im
+
+
+def load_image(path, reduce: tuple[int, int] | None = None) -> Image.Image:
     """The image at `path` (a file path, or a binary file object such as an upload) as an upright
-    8-bit RGB image, or `ImageError`.
+    8-bit RGB image, or `ImageError`. `reduce`: see `draft` (only `eclip serve` uses it).
 
     Truncated files are refused, never padded (LOAD_TRUNCATED_IMAGES stays off):
     a half-grey photo is worse training data than none.
@@ -59,7 +68,7 @@ def load_image(path) -> Image.Image:
                 pixels = im.width * im.height
                 if pixels > limit:
                     raise ImageError(path, f"decompression bomb ({pixels} pixels)")
-                im.load()
+                draft(im, reduce).load()
                 return to_rgb(upright(im))
     except ImageError:
         raise
@@ -101,8 +110,8 @@ def _pixels_in(error) -> str:
 
 def upright(im: Image.Image) -> Image.Image:
     """Apply the EXIF orientation; a broken EXIF block must not cost a good photo."""
-    try:
-        return ImageOps.exif_transpose(im)
+    try:   # in place: a copy of a photo that needs no turning would only cost memory
+        return ImageOps.exif_transpose(im, in_place=True) or im
     except Exception:   # Pillow raises many types on malformed EXIF
         return im
 
