@@ -337,3 +337,63 @@ def test_large_jpegs_are_decoded_reduced_and_ordinary_ones_whole(tmp_path):
     assert planned_pixels(str(big)) == 3500 * 2500
     assert load_image(big).size == (7000, 5000)                 # eclip match, embed and train: whole
     assert load_image(ordinary, REDUCE).size == (4000, 3000) and planned_pixels(str(ordinary)) == 12_000_000
+
+
+@pytest.fixture(scope="module")
+def impatient_server(checkpoint):
+    """An in-process server with --read-timeout 1."""
+    from eclip.config import ModelSpec
+    from eclip.match import Matcher
+    from eclip.serve import Server, ServeOptions
+    server = Server(Matcher.from_spec(ModelSpec(checkpoint=str(checkpoint[0]), device="cpu")),
+                    ServeOptions(port=0, read_timeout=1.0))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    assert server.started.wait(60)
+    yield server
+    server.stop()
+    thread.join(30)
+
+
+def test_a_body_that_stops_is_cut_off_and_one_that_keeps_coming_is_not(impatient_server, real_images):
+    """--read-timeout bounds each pause, not the whole upload: a body sent in pieces 0.4 s apart
+    for 2.4 s is answered; one that stops after its first piece is closed about 1 s later."""
+    request = httpx.Request("POST", impatient_server.url + "/match",
+                            files=[("image", ("coffee.jpg", real_images["coffee"].read_bytes(), "image/jpeg"))],
+                            data={"caption": "a cup of coffee"})
+    body = request.read()
+    head = "".join(f"{k}: {v}\r\n" for k, v in request.headers.items())
+    pieces = [body[k * len(body) // 6:(k + 1) * len(body) // 6] for k in range(6)]
+    with socket.create_connection(address(impatient_server.url), timeout=30) as sock:
+        sock.sendall(f"POST /match HTTP/1.1\r\n{head}\r\n".encode())
+        for piece in pieces:
+            time.sleep(0.4)
+            sock.sendall(piece)
+        assert _read_all(sock).startswith(b"HTTP/1.1 200")
+    with socket.create_connection(address(impatient_server.url), timeout=30) as sock:
+        sock.sendall(f"POST /match HTTP/1.1\r\n{head}\r\n".encode() + pieces[0])
+        start = time.monotonic()
+        answer = _read_all(sock)
+        assert time.monotonic() - start < 10 and not answer.startswith(b"HTTP/1.1 200"), answer[:100]
+    with socket.create_connection(address(impatient_server.url), timeout=30) as sock:   # a head sent slowly
+        for part in (b"GET /health HTTP/1.1\r\n", b"Host: 127.0.0.1\r\n", b"X-Slow: 1\r\n", b"X-Slower: 2\r\n"):
+            sock.sendall(part)
+            time.sleep(0.4)
+        assert _read_all(sock).startswith(b"HTTP/1.1 408")
+    assert httpx.get(impatient_server.url + "/health", timeout=10).status_code == 200
+
+
+def test_new_option_mistakes_exit_2_with_one_line(checkpoint):
+    from typer.testing import CliRunner
+
+    from eclip.cli import app
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    cases = [(["--max-connections", "0"], "--max-connections 0: must be at least 1"),
+             (["--read-timeout", "0"], "--read-timeout and --decode-megapixels must be more than 0"),
+             (["--decode-megapixels", "-1"], "--read-timeout and --decode-megapixels must be more than 0"),
+             (["--allowed-host", "a/b"], "--allowed-host 'a/b': a host name, NAME:PORT, or '*'"),
+             (["--max-connections", str(soft)], f"the open-file limit (ulimit -n) is {soft}")]
+    for args, message in cases:
+        result = CliRunner(mix_stderr=False).invoke(app, ["serve", "--checkpoint", str(checkpoint[0]), *args])
+        assert result.exit_code == 2 and message in result.stderr, (args, result.stderr, result.exception)
+        assert len(result.stderr.strip().splitlines()) == 1
