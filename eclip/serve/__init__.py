@@ -44,6 +44,8 @@ class ServeOptions:
 DEFAULT_MAX_CONNECTIONS = 500
 FILES_PER_CONNECTION = 2         # its socket, and the temporary file of an upload spooled to disk
 FILES_KEPT = 64                  # for the model, the gallery, the log and the libraries
+BACKLOG = 2048                   # the kernel's queue of connections not yet accepted (uvicorn's default)
+ACCEPT_BATCH = 128               # connections asyncio accepts in one turn of the loop (connections.ListeningSocket)
 
 
 def open_file_limit() -> int | None:
@@ -58,7 +60,7 @@ def open_file_limit() -> int | None:
 def connection_cap(options: ServeOptions) -> int:
     """--max-connections, or the most the open-file limit (`ulimit -n`) leaves room for (at most 500)."""
     limit = open_file_limit()
-    room = None if limit is None else max(1, (limit - FILES_KEPT) // FILES_PER_CONNECTION)
+    room = None if limit is None else max(1, (limit - FILES_KEPT - ACCEPT_BATCH) // FILES_PER_CONNECTION)
     if options.max_connections is None:
         return min(DEFAULT_MAX_CONNECTIONS, room or DEFAULT_MAX_CONNECTIONS)
     if room is not None and options.max_connections > room:
@@ -119,9 +121,6 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-BACKLOG = 2048     # uvicorn's default
-
-
 def model_info(matcher) -> dict:
     """What /health says about the model: names and digests, no paths of this machine."""
     identity = matcher.model.identity()
@@ -166,7 +165,7 @@ class Server:
         app = build_app(self.state, token, int(options.max_upload_mb * 2 ** 20), (options.host,), options.allowed_hosts)
         http = protocol(connection_cap(options), options.read_timeout)
         config = uvicorn.Config(app, http=http, log_config=None, log_level="warning", access_log=False,
-                                lifespan="on", server_header=False, timeout_graceful_shutdown=10, backlog=BACKLOG)
+                                lifespan="on", server_header=False, timeout_graceful_shutdown=10, backlog=ACCEPT_BATCH)
         self._uvicorn = _Uvicorn(config, on_started=self._started)
         self.started = threading.Event()
 

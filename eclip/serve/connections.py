@@ -103,9 +103,19 @@ def protocol(max_connections: int, read_timeout: float):
 
 class ListeningSocket(socket.socket):
     """A listening socket whose accept() fails once when the process is out of resources, then
-    reports an empty queue until asyncio's retry a second later (see the module's docstring)."""
+    reports an empty queue until asyncio's retry a second later (see the module's docstring).
 
-    _failed = False
+    Its first listen() sets the kernel's queue; later ones (asyncio's create_server calls it
+    again with the `backlog` it also uses as the number of accepts in one turn of the loop) are
+    ignored, so the queue stays long while the accepts in one turn stay few: connections over
+    the cap are closed before the next turn accepts more, and cannot pile up past the limit."""
+
+    _failed = _listening = False
+
+    def listen(self, *backlog):
+        if not self._listening:
+            super().listen(*backlog)
+            self._listening = True
 
     def accept(self):
         if self._failed:
