@@ -121,6 +121,14 @@ def test_allowed_host_entries_add_names_with_or_without_a_port():
     assert check.allowed("proxy.example:8443") and not check.allowed("proxy.example:8444")
     assert not check.allowed("proxy.example") and not check.allowed("other.example:8000")
     assert HostCheck(None, entries=("*",)).allowed("anything.example:1")
+    # the page's origin: the Host itself, or an entry (behind a proxy that rewrites the Host)
+    assert check.origin_allowed("http://127.0.0.1:8000", "127.0.0.1:8000")
+    assert check.origin_allowed("https://photos.example", "127.0.0.1:8000")
+    assert check.origin_allowed("https://proxy.example:8443", "127.0.0.1:8000")
+    assert not check.origin_allowed("https://proxy.example", "127.0.0.1:8000")
+    assert not check.origin_allowed("http://127.0.0.1:8001", "127.0.0.1:8000")
+    assert not check.origin_allowed("null", "127.0.0.1:8000") and not check.origin_allowed("http://a.example", "")
+    assert not HostCheck(None, entries=("*",)).origin_allowed("http://evil.example", "127.0.0.1:8000")
 
 
 def test_a_request_from_another_origin_is_refused(live_server, real_images):

@@ -117,8 +117,8 @@ class HostCheck:
     name is localhost, the --host name, an --allowed-host entry ('NAME' any port, 'NAME:PORT'
     that port, '*' any name), or an IP address (a name the browser resolved cannot arrive as an
     IP literal). A request with an `Origin` (browsers send one with every cross-origin request
-    and every POST) must come from the origin it is addressed to: a page elsewhere can neither
-    send uploads nor read answers."""
+    and every POST) must come from the origin it is addressed to, or from an --allowed-host name
+    (a proxy that rewrites the Host): a page elsewhere can neither send uploads nor read answers."""
 
     def __init__(self, app, names=(), entries=()):
         self.app = app
@@ -133,6 +133,20 @@ class HostCheck:
         return (self.any or _is_ip(name) or name in self.names or (name, None) in self.entries
                 or (name, port) in self.entries)
 
+    def origin_allowed(self, origin: str, host: str) -> bool:
+        """`Origin: http://NAME[:PORT]` names the same host and port as the `Host` header, or an
+        --allowed-host entry ('*' is no origin's name: it only widens the Host check)."""
+        scheme, sep, rest = origin.strip().lower().partition("://")
+        if not sep or scheme not in ("http", "https"):
+            return False             # 'null' (a sandboxed or file:// page) and anything odd
+        default = 443 if scheme == "https" else 80
+        (name, port), (host_name, host_port) = split_host(rest), split_host(host)
+        if not name:
+            return False
+        port = port or default
+        return ((name, port) == (host_name, host_port or default) or (name, None) in self.entries
+                or (name, port) in self.entries)
+
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
@@ -142,20 +156,10 @@ class HostCheck:
             return await send_json(send, 403, {"error": "this server does not answer to that Host name "
                                                         "(start it with --allowed-host NAME to add one)"})
         origin = headers.get(b"origin")
-        if origin is not None and not _same_origin(origin.decode("latin-1"), (host or b"").decode("latin-1")):
+        if origin is not None and not self.origin_allowed(origin.decode("latin-1"), (host or b"").decode("latin-1")):
             return await send_json(send, 403, {"error": "cross-origin request refused: the page must come "
                                                         "from this server"})
         return await self.app(scope, receive, send)
-
-
-def _same_origin(origin: str, host: str) -> bool:
-    """`Origin: http://NAME[:PORT]` names the same host and port as the `Host` header."""
-    scheme, sep, rest = origin.strip().lower().partition("://")
-    if not sep or scheme not in ("http", "https") or not host:
-        return False             # 'null' (a sandboxed or file:// page) and anything odd
-    a, b = split_host(rest), split_host(host)
-    default = 443 if scheme == "https" else 80
-    return bool(a[0]) and a[0] == b[0] and (a[1] or default) == (b[1] or default)
 
 
 class TokenAuth:
