@@ -114,7 +114,7 @@ def export(spec, source, folder: Path) -> dict:
     cache_root().mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=cache_root()))
     try:
-        meta = _export_into(model, work)
+        meta = export_towers(model, work)
         meta.update(format=EXPORT_FORMAT, key=source.key(), source=source.identity,
                     weights=os.path.realpath(source.weights) if source.weights else None,
                     versions={"torch": package_version("torch"), "open_clip": package_version("open_clip")},
@@ -147,8 +147,11 @@ def _install(work: Path, folder: Path, meta: dict) -> None:
                 discard(other)
 
 
-def _export_into(model, work: Path) -> dict:
-    """-> meta (without the keys export() adds); {"unsupported": reason} when ONNX cannot stand in."""
+def export_towers(model, work: Path) -> dict:
+    """Trace the image and text towers into `work` (FILES) and check them against torch.
+
+    -> meta (without the keys export() adds); {"unsupported": reason} when ONNX cannot stand in.
+    Used by the cache here and by `eclip export --format onnx` (eclip.exporters.onnx)."""
     from eclip.runtime.transform import supports
     tokenizer = clip_bpe_settings(model)
     if tokenizer is None:
