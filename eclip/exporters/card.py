@@ -55,7 +55,7 @@ def _figures(summary: dict) -> dict:
     rows = {}
     for key in ("best_val_rsum", "best_val_loss", "best_epoch", "best_step", "steps", "pairs_seen"):
         if summary.get(key) is not None:
-            rows[key] = summary[key]
+            rows[key] = round(summary[key], 4) if isinstance(summary[key], float) else summary[key]
     for key, value in (summary.get("last_val") or {}).items():
         if isinstance(value, (int, float)) and key not in ("step", "epoch"):
             rows[f"last validation {key}"] = round(value, 4) if isinstance(value, float) else value
@@ -105,8 +105,9 @@ def card_text(model, facts: dict, license: str) -> str:
         figures = _figures(summary)
         lines += ["## Results", "",
                   _table(figures) if figures else "The run folder has no summary.json (the run did not finish).",
-                  "Figures as the run's summary.json recorded them (rsum = sum of Recall@1/5/10 both ways, %)."
-                  if figures else "", ""]
+                  "Figures as the run's summary.json recorded them (rsum = sum of Recall@1/5/10 both ways, %)"
+                  + (", for the fine-tuned model, not this interpolation (`eclip evaluate --wise-ft` measures "
+                     "that)." if facts.get("wise_ft") is not None else ".") if figures else "", ""]
     lines += ["## Training method", "",
               "EntityCLIP (SIGIR 2025): CLIP fine-tuned with LLM explanations, Multimodal Attentive Experts and a "
               "gated image-text matching loss; the experts and the matching head exist only during training and "
