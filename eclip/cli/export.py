@@ -13,9 +13,10 @@ from eclip.errors import EclipError
 
 
 HELP = """Write a model (an eclip checkpoint, or any model the model options name) as a folder
-another tool reads, with a README.md model card. Formats:
+another tool reads, with a README.md model card.
 
 \b
+Formats:
   open-clip  open_clip_config.json + open_clip_model.safetensors, for
              open_clip's "local-dir:DIR" (hf-hub: once uploaded),
              CLIP_benchmark, clip-retrieval and eclip's --model local-dir:DIR
@@ -39,7 +40,7 @@ OUTPUT must be new (or an empty folder); it appears whole or not at all.
 
 @app.command(help=HELP)
 def export(
-    checkpoint_arg: Annotated[Optional[Path], typer.Argument(
+    checkpoint_file: Annotated[Optional[Path], typer.Argument(
         metavar="[CHECKPOINT]", show_default=False, help="An eclip checkpoint (the same as --checkpoint).")] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", show_default=False,
                                          help="Folder to write (must not exist, or be empty).")] = None,
@@ -62,9 +63,9 @@ def export(
         from eclip.exporters import export as run
         if output is None:
             raise EclipError("--output DIR is required")
-        if checkpoint_arg and checkpoint and checkpoint_arg != checkpoint:
-            raise EclipError(f"{checkpoint_arg} and --checkpoint {checkpoint}: give the checkpoint once")
-        checkpoint = checkpoint or checkpoint_arg
+        if checkpoint_file and checkpoint and checkpoint_file != checkpoint:
+            raise EclipError(f"{checkpoint_file} and --checkpoint {checkpoint}: give the checkpoint once")
+        checkpoint = checkpoint or checkpoint_file
         base = None
         if wise_ft is not None and checkpoint and (model or pretrained):   # the model options name the base
             base = ModelSpec(model=model, pretrained=pretrained, seed=seed)
