@@ -139,6 +139,41 @@ def test_transformers_clip_model_gives_eclips_vectors(exported, checkpoint, real
     assert abs(hf.logit_scale.exp().item() - model.logit_scale.item()) < 1e-4
 
 
+def test_a_plain_gelu_model_maps_to_hidden_act_gelu(tmp_path, real_images):
+    """quick_gelu off: transformers must use the exact GELU (open_clip's nn.GELU), not quick_gelu."""
+    from transformers import CLIPModel
+
+    from conftest import TINY
+    from eclip.config import ExpertConfig, ModelSpec
+    from eclip.exporters import export
+    from eclip.model.factory import load_model
+    config = tmp_path / "gelu.json"
+    config.write_text(json.dumps({**TINY, "quick_gelu": False}))
+    export(ModelSpec(model=str(config), pretrained="none", seed=3), tmp_path / "hf", "hf")
+    model = load_model(model=str(config), pretrained="none", seed=3, device="cpu",
+                       experts=ExpertConfig(enabled=False)).eval()
+    hf = CLIPModel.from_pretrained(str(tmp_path / "hf")).eval()
+    assert hf.config.text_config.hidden_act == hf.config.vision_config.hidden_act == "gelu"
+    pixels = torch.stack([model.preprocess(Image.open(p).convert("RGB")) for p in real_images.values()])
+    with torch.no_grad():
+        image = torch.nn.functional.normalize(_tensor(hf.get_image_features(pixel_values=pixels)), dim=-1)
+        text = torch.nn.functional.normalize(_tensor(hf.get_text_features(input_ids=model.tokenize(CAPTIONS))), dim=-1)
+        assert (image - model.encode_images(pixels)).abs().max() < 1e-4
+        assert (text - model.encode_texts(model.tokenize(CAPTIONS))).abs().max() < 1e-4
+
+
+def test_eclip_embed_gives_the_same_vectors_from_the_exported_folder(exported, checkpoint, real_images, tmp_path):
+    from eclip.embedstore import open_store
+    folder = next(iter(real_images.values())).parent
+    ok("embed", "--checkpoint", checkpoint[0], "--images", folder, "--dtype", "fp32", "--workers", "0",
+       "-o", tmp_path / "a")
+    ok("embed", "--model", f"local-dir:{exported['open-clip']}", "--images", folder, "--dtype", "fp32",
+       "--workers", "0", "-o", tmp_path / "b")
+    a, b = (open_store(tmp_path / x) for x in "ab")
+    assert a.table("images").to_pydict()["path"] == b.table("images").to_pydict()["path"]
+    assert np.abs(np.asarray(a.vectors("images")) - np.asarray(b.vectors("images"))).max() < 1e-5
+
+
 def _tensor(out):
     """get_*_features returns a tensor, or in newer transformers an output object holding it."""
     return out if isinstance(out, torch.Tensor) else out.pooler_output
