@@ -89,6 +89,11 @@ def card_text(model, facts: dict, license: str) -> str:
         if facts.get("hf_text_files"):
             lines += ["`text_cfg.hf_model_name` in open_clip_config.json points at the folder this was written to; "
                       "after moving or uploading it, set it to the new folder or the text model's Hub id.", ""]
+    if fmt == "hf":
+        lines += ["transformers' centre crop starts at floor((W - size) / 2), open_clip's at round((W - size) / 2): "
+                  "where the resized image's margin is odd the crops are one pixel apart.", ""]
+    if fmt == "onnx":
+        lines += ["preprocess.json says how to make the inputs; both graphs return L2-normalised vectors.", ""]
     source = dict(getattr(model, "source", {}) or {})
     lines += ["## Model", "", _table({"architecture": f"`{cfg.clip_name}`", "embedding size": cfg.clip_config["embed_dim"],
                                       "image size": cfg.preprocess.get("size"),
