@@ -32,15 +32,17 @@ def check(model) -> None:
     problems = []
     if getattr(v, "attn_pool", None) is not None or getattr(v, "pool_type", "tok") != "tok":
         problems.append("image pooling other than the class token")
-    if getattr(v, "final_ln_after_pool", False) or v.proj is None:
+    if getattr(v, "final_ln_after_pool", False) or not isinstance(v.proj, torch.nn.Parameter):
         problems.append("an unusual image head")
     if not isinstance(getattr(v, "ln_pre", None), torch.nn.LayerNorm):
         problems.append("no pre-layer-norm")
     blocks = list(v.transformer.resblocks) + list(clip.transformer.resblocks)
     if any(type(getattr(b, "ls_1", None)).__name__ != "Identity" for b in blocks):
         problems.append("layer scale")
-    if any(not isinstance(b.attn, torch.nn.MultiheadAttention) for b in blocks):
+    if any(not isinstance(b.attn, torch.nn.MultiheadAttention) or b.attn.in_proj_bias is None for b in blocks):
         problems.append("a custom attention block")
+    if getattr(clip, "attn_mask", None) is None:
+        problems.append("a text tower without the causal mask")
     if getattr(clip, "text_pool_type", "argmax") != "argmax" or getattr(clip, "text_projection", None) is None \
             or not isinstance(clip.text_projection, torch.nn.Parameter):
         problems.append("text pooling other than CLIP's end-of-text token")
