@@ -93,26 +93,31 @@ def test_the_exported_folder_is_an_eclip_model_again(exported, checkpoint, real_
         assert np.abs(a - b).max() < 1e-6
 
 
-def test_a_hugging_face_text_tower_round_trips_through_open_clip(tmp_path, real_images):
+@pytest.fixture(scope="module")
+def minilm(tmp_path_factory):
+    """(checkpoint, model): examples/minilm-vit.json, a ViT with the real all-MiniLM-L6-v2 text tower."""
     from eclip.checkpoint import save_checkpoint
     from eclip.config import ExpertConfig
     from eclip.model.factory import load_model
     torch.manual_seed(0)
     model = load_model(model=str(ROOT / "examples/minilm-vit.json"), pretrained="none", device="cpu",
                        experts=ExpertConfig(enabled=False)).eval()
-    save_checkpoint(model, tmp_path / "minilm.safetensors")
-    ok("export", tmp_path / "minilm.safetensors", "--output", tmp_path / "out")
+    path = tmp_path_factory.mktemp("minilm") / "minilm.safetensors"
+    save_checkpoint(model, path)
+    return path, model
+
+
+def test_a_hugging_face_text_tower_round_trips_through_open_clip(tmp_path, minilm, real_images):
+    ok("export", minilm[0], "--output", tmp_path / "out")
     files = {p.name for p in (tmp_path / "out").iterdir()}
     assert {"config.json", "tokenizer.json", "open_clip_config.json", "open_clip_model.safetensors"} <= files
     images = list(real_images.values())
-    for a, b in zip(eclip_vectors(model, images), open_clip_vectors(tmp_path / "out", images)):
+    for a, b in zip(eclip_vectors(minilm[1], images), open_clip_vectors(tmp_path / "out", images)):
         assert np.abs(a - b).max() < 1e-5
     # the hf format cannot hold this tower: one line, exit 2, nothing written
-    result = cli("export", tmp_path / "minilm.safetensors", "--format", "hf", "--output", tmp_path / "hf")
+    result = cli("export", minilm[0], "--format", "hf", "--output", tmp_path / "hf")
     assert result.exit_code == 2 and "CLIPModel" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "hf").exists() and not list(tmp_path.glob(".hf.*"))
-    result = cli("export", tmp_path / "minilm.safetensors", "--format", "onnx", "--output", tmp_path / "onnx")
-    assert result.exit_code == 2 and "tokenizer" in result.stderr
 
 
 def test_transformers_clip_model_gives_eclips_vectors(exported, checkpoint, real_images):
@@ -195,7 +200,15 @@ sys.meta_path.insert(0, Blocker())
 """
 
 
-def test_the_readme_onnxruntime_example_runs_without_eclip_or_torch(exported, checkpoint, real_images, tmp_path):
+@pytest.mark.parametrize("which", ["tiny", "minilm"])
+def test_the_readme_onnxruntime_example_runs_without_eclip_or_torch(which, exported, checkpoint, minilm, real_images,
+                                                                    tmp_path):
+    """CLIP's tokenizer (the tiny ViT) and a Hugging Face one (MiniLM), the same ten lines."""
+    if which == "tiny":
+        folder, model = exported["onnx"], checkpoint[1]
+    else:
+        ok("export", minilm[0], "--format", "onnx", "--output", tmp_path / "minilm-onnx")
+        folder, model = tmp_path / "minilm-onnx", minilm[1]
     code = readme_example()
     assert len([line for line in code.splitlines() if line.strip()]) <= 25
     folder_line = 'folder = "my-model-onnx"'
@@ -204,13 +217,13 @@ def test_the_readme_onnxruntime_example_runs_without_eclip_or_torch(exported, ch
     last = code.rstrip().splitlines()[-1]
     assert last.startswith("print(")
     script = tmp_path / "example.py"
-    script.write_text(BLOCKER + code.replace(folder_line, f"folder = {str(exported['onnx'])!r}").replace(
+    script.write_text(BLOCKER + code.replace(folder_line, f"folder = {str(folder)!r}").replace(
         last, f"np.save('images.npy', embed_images({images!r})); np.save('texts.npy', embed_texts({CAPTIONS!r}))"))
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr
-    image_ref, text_ref = eclip_vectors(checkpoint[1], real_images.values())
+    image_ref, text_ref = eclip_vectors(model, real_images.values())
     assert np.abs(np.load(tmp_path / "images.npy") - image_ref).max() < 1e-4
     assert np.abs(np.load(tmp_path / "texts.npy") - text_ref).max() < 1e-4
     # the same process really cannot import eclip or torch

@@ -159,7 +159,7 @@ def export_towers(model, work: Path) -> dict:
     if not supports(model.config.preprocess):
         return {"unsupported": f"preprocessing {model.config.preprocess} needs torchvision"}
     try:
-        _trace(model, work)
+        trace_towers(model, work)
         worst = _compare(model, work, tokenizer)
     except Exception as e:   # an architecture the tracer cannot handle: torch runs it
         return {"unsupported": f"export failed ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})"}
@@ -197,7 +197,8 @@ def _tower(model, kind: str):
     return Tower().eval()
 
 
-def _trace(model, work: Path) -> None:
+def trace_towers(model, work: Path) -> None:
+    """image.onnx and text.onnx (+ .data) in `work`: pixels / token ids -> L2-normalised features."""
     import warnings
 
     import onnx
