@@ -326,6 +326,15 @@ def test_bad_input_is_one_line_and_leaves_nothing(tmp_path, checkpoint):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cut.safetensors", "full"]
 
 
+def test_what_a_killed_export_left_is_removed_by_the_next(tmp_path, checkpoint):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    left = tmp_path / f".model.{dead.stdout.strip()}.abc.tmp"
+    left.mkdir()
+    (left / "open_clip_model.safetensors").write_bytes(b"half")
+    ok("export", checkpoint[0], "--output", tmp_path / "model")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
 def test_an_empty_output_folder_is_filled(tmp_path, checkpoint):
     (tmp_path / "empty").mkdir()
     ok("export", checkpoint[0], "--output", tmp_path / "empty")

@@ -9,8 +9,9 @@
 Every folder also gets a model card (eclip.exporters.card). With `wise_ft` the weights are first
 interpolated with the model the run started from (eclip.exporters.wise_ft).
 
-The folder is written under a temporary name beside OUTPUT and renamed into place once whole:
-a failed or killed export leaves no half-written OUTPUT.
+The folder is written under a temporary name beside OUTPUT (.NAME.PID.*.tmp) and renamed into
+place once whole: a failed or killed export leaves no half-written OUTPUT, and the next export to
+the same OUTPUT removes what a killed one left.
 """
 from __future__ import annotations
 
@@ -70,7 +71,8 @@ def export(spec, output, fmt: str = "open-clip", *, license: str = "other", wise
     parent = output.absolute().parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=parent))
+        remove_abandoned(parent, output.name)
+        work = Path(tempfile.mkdtemp(prefix=f".{output.name}.{os.getpid()}.", suffix=".tmp", dir=parent))
     except OSError as e:
         raise EclipError(f"--output {output}: cannot write there ({e.strerror or e})") from None
     try:
@@ -85,6 +87,24 @@ def export(spec, output, fmt: str = "open-clip", *, license: str = "other", wise
         shutil.rmtree(work, ignore_errors=True)
     files = sorted(p.name for p in output.iterdir())
     return {"output": str(output), "files": files, **facts, "commands": _commands(facts, output)}
+
+
+def remove_abandoned(parent: Path, name: str) -> None:
+    """Temporary folders of earlier exports to `name` whose process is gone (killed): removed."""
+    for folder in parent.glob(f".{name}.*.tmp"):
+        pid = folder.name[len(name) + 2:].split(".", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:          # exists, another user's
+        return True
+    return True
 
 
 def _writer(fmt: str):
