@@ -50,6 +50,10 @@ def evaluate(
         "--dump-ranks", rich_help_panel=OUTPUT_PANEL, metavar="FILE", show_default=False,
         help="Write one JSON line per query: direction, query id, rank of its first positive, "
              "its positives, and the top-K ids with scores (K = the largest --recall-k).")] = None,
+    wise_ft: Annotated[Optional[str], typer.Option(
+        "--wise-ft", metavar="ALPHA,ALPHA,...", show_default=False,
+        help="WiSE-FT curve: evaluate (1 - ALPHA) * base + ALPHA * the --checkpoint for each ALPHA, in one "
+             "table; base = the model the checkpoint's run started from, or the one --model/--pretrained name.")] = None,
 ):
     with user_errors():
         import json
@@ -58,7 +62,11 @@ def evaluate(
         ks = parse_recall_k(recall_k)
         check_same_image(same_image)
         spec = model_spec(model, pretrained, checkpoint, device, precision, seed)
-        if embeddings is not None:   # model options, if given, must name the model the store was made with
+        if wise_ft is not None:      # one evaluation per alpha (eclip.exporters.wise_ft), one table
+            from eclip.exporters.wise_ft import evaluate_curve
+            result = evaluate_curve(wise_ft, spec, dataset=dataset, data_root=data_root, split=split, recall_k=ks,
+                                    batch_size=batch_size, image_folder=image_folder, same_image=same_image)
+        elif embeddings is not None:   # model options, if given, must name the model the store was made with
             result = _from_embeddings(embeddings, ks, dump_ranks, spec, same_image)
         else:
             from eclip.evaluate import evaluate as run
@@ -76,7 +84,8 @@ def evaluate(
         else:
             from eclip.console import out
             from eclip.evaluate import report_table
-            out.print(report_table(result))
+            from eclip.exporters.wise_ft import curve_table
+            out.print(curve_table(result) if wise_ft is not None else report_table(result))
 
 
 def _from_embeddings(folder: Path, ks, dump_ranks, spec, same_image: str = "bytes"):

@@ -114,7 +114,7 @@ def export(spec, source, folder: Path) -> dict:
     cache_root().mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=cache_root()))
     try:
-        meta = _export_into(model, work)
+        meta = export_towers(model, work)
         meta.update(format=EXPORT_FORMAT, key=source.key(), source=source.identity,
                     weights=os.path.realpath(source.weights) if source.weights else None,
                     versions={"torch": package_version("torch"), "open_clip": package_version("open_clip")},
@@ -147,8 +147,11 @@ def _install(work: Path, folder: Path, meta: dict) -> None:
                 discard(other)
 
 
-def _export_into(model, work: Path) -> dict:
-    """-> meta (without the keys export() adds); {"unsupported": reason} when ONNX cannot stand in."""
+def export_towers(model, work: Path) -> dict:
+    """Trace the image and text towers into `work` (FILES) and check them against torch.
+
+    -> meta (without the keys export() adds); {"unsupported": reason} when ONNX cannot stand in.
+    Used by the cache here and by `eclip export --format onnx` (eclip.exporters.onnx)."""
     from eclip.runtime.transform import supports
     tokenizer = clip_bpe_settings(model)
     if tokenizer is None:
@@ -156,7 +159,7 @@ def _export_into(model, work: Path) -> dict:
     if not supports(model.config.preprocess):
         return {"unsupported": f"preprocessing {model.config.preprocess} needs torchvision"}
     try:
-        _trace(model, work)
+        trace_towers(model, work)
         worst = _compare(model, work, tokenizer)
     except Exception as e:   # an architecture the tracer cannot handle: torch runs it
         return {"unsupported": f"export failed ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})"}
@@ -194,7 +197,8 @@ def _tower(model, kind: str):
     return Tower().eval()
 
 
-def _trace(model, work: Path) -> None:
+def trace_towers(model, work: Path) -> None:
+    """image.onnx and text.onnx (+ .data) in `work`: pixels / token ids -> L2-normalised features."""
     import warnings
 
     import onnx

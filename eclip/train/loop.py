@@ -237,6 +237,7 @@ class Trainer:
     # ---- validation and saving ----
     def _validate(self, epoch: int) -> None:
         from eclip.checkpoint import save_checkpoint
+        from eclip.train.rundir import base_model
         from eclip.train.validate import validate
         cfg, t = self.cfg, self.t
         if cfg.no_val:
@@ -260,18 +261,20 @@ class Trainer:
             if self.main:
                 save_checkpoint(self.core, self.run / "best.safetensors",
                                 extra={"step": t["step"], "epoch": epoch, "val_rsum": metrics["rsum"],
-                                       "val_loss": metrics["val_loss"], "select_by": cfg.select_by})
+                                       "val_loss": metrics["val_loss"], "select_by": cfg.select_by,
+                                       "base_model": base_model(cfg)})
         self.rec.validation(values, best)
 
     def _save(self) -> None:
         from eclip.atomic import same_file
         from eclip.checkpoint import save_checkpoint
+        from eclip.train.rundir import base_model
         t = self.t
         if self.cfg.no_val:     # no validation: the best model is the last
             t["best_epoch"], t["best_step"] = t["epoch"], t["step"]
         if self.main:
             last = save_checkpoint(self.core, self.run / "last.safetensors",
-                                   extra={"step": t["step"], "epoch": t["epoch"]})
+                                   extra={"step": t["step"], "epoch": t["epoch"], "base_model": base_model(self.cfg)})
             if self.cfg.no_val:     # the same file, not written twice (a ViT-L is 1.7 GB)
                 same_file(last, self.run / "best.safetensors")
             t["log_bytes"] = self.rec.log_bytes()

@@ -168,6 +168,13 @@ def absolute_path_option(key: str, value):
     return value
 
 
+def base_model(cfg: TrainConfig) -> str:
+    """The checkpoint header's `base_model`: the model options the run started from (JSON), which
+    `eclip export --wise-ft` and `eclip evaluate --wise-ft` interpolate with."""
+    return json.dumps({"model": cfg.model, "pretrained": cfg.pretrained, "checkpoint": cfg.checkpoint,
+                       "seed": cfg.seed})
+
+
 def with_absolute_paths(cfg: TrainConfig) -> TrainConfig:
     return replace(cfg, **{k: absolute_path_option(k, getattr(cfg, k)) for k in PATH_OPTIONS})
 
