@@ -83,6 +83,27 @@ def test_killed_run_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path, fla
 
 
 @pytest.mark.slow
+def test_run_killed_with_its_workers_alive_resumes_at_once(tmp_path, flags):
+    """SIGKILL reaches the main process only; its data-loading workers notice a few seconds later.
+    They never held the folder's lock, so `--resume` right away is not refused."""
+    killed = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "ECLIP_QUIET": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "eclip", *train_args(flags, killed, "--save-every", "2",
+                                                                      "--workers", "2")],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 240
+    while not complete_states(killed):
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        assert time.monotonic() < deadline, "no state saved"
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    result = CliRunner().invoke(app, ["train", "--resume", str(killed), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["steps"] == 8
+
+
+@pytest.mark.slow
 def test_unreadable_images_are_skipped_counted_and_listed(tmp_path, flags):
     """A broken training image in mid-epoch and a broken val image: the run goes on without them."""
     data = tmp_path / "data"
