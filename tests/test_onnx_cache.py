@@ -61,7 +61,7 @@ def test_a_killed_exports_temporary_folder_goes_at_the_next_export_and_a_live_on
             assert time.monotonic() < deadline
             time.sleep(0.02)
         [live] = temporaries(cache)
-        _ = load_encoder(copy_of(checkpoint, tmp_path / "models", "b.safetensors"))   # another export
+        load_encoder(copy_of(checkpoint, tmp_path / "models", "b.safetensors"))   # another export
         assert live.is_dir()                                        # its writer is alive: kept
     finally:
         proc.send_signal(signal.SIGKILL)
@@ -84,14 +84,11 @@ def small_disk(tmp_path):
 
 
 def falls_back_with_one_note(spec, capsys, where: Path, reason: str):
-    monkeypatch = pytest.MonkeyPatch()
-    monkeypatch.delenv("ECLIP_QUIET", raising=False)
-    try:
+    with pytest.MonkeyPatch.context() as quiet_off:
+        quiet_off.delenv("ECLIP_QUIET", raising=False)
         capsys.readouterr()
         encoder = load_encoder(spec)
         notes = capsys.readouterr().err
-    finally:
-        monkeypatch.undo()
     assert isinstance(encoder, TorchEncoder)
     lines = [line for line in notes.splitlines() if "torch" in line]
     assert len(lines) == 1 and str(where) in lines[0] and reason in lines[0], notes
