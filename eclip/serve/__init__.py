@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 from eclip.errors import EclipError
 from eclip.serve.batching import DEFAULT_MAX_IMAGES, DEFAULT_MAX_WAIT
+from eclip.serve.connections import open_file_limit
 
 
 @dataclass
@@ -46,15 +47,6 @@ FILES_PER_CONNECTION = 2         # its socket, and the temporary file of an uplo
 FILES_KEPT = 64                  # for the model, the gallery, the log and the libraries
 BACKLOG = 2048                   # the kernel's queue of connections not yet accepted (uvicorn's default)
 ACCEPT_BATCH = 128               # connections asyncio accepts in one turn of the loop (connections.ListeningSocket)
-
-
-def open_file_limit() -> int | None:
-    try:
-        import resource
-        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    except (ImportError, OSError, ValueError):
-        return None
-    return None if soft == resource.RLIM_INFINITY else soft
 
 
 def connection_cap(options: ServeOptions) -> int:

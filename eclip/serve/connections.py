@@ -22,6 +22,7 @@ import time
 from eclip.serve.guards import write_line
 
 EXHAUSTION = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+FD_RESERVE = 32                    # descriptors accept() never takes (see ListeningSocket.accept)
 EXHAUSTION_LOG_EVERY = 60.0        # seconds between two lines about the same shortage
 
 
@@ -122,10 +123,28 @@ class ListeningSocket(socket.socket):
             self._failed = False
             raise BlockingIOError(errno.EAGAIN, "retry later")
         try:
-            return super().accept()
+            conn, address = super().accept()
         except OSError as e:
             self._failed = e.errno in EXHAUSTION
             raise
+        # New descriptors take the lowest free number, so a high one means the table is nearly
+        # full: under load the loop can accept again before the connections over the cap are
+        # closed. Shed this one (the client sees a reset) and end the turn, keeping FD_RESERVE
+        # descriptors free for the model, the log and uploads.
+        limit = open_file_limit()
+        if limit is not None and conn.fileno() >= limit - FD_RESERVE:
+            conn.close()
+            raise BlockingIOError(errno.EAGAIN, "near the open-file limit")
+        return conn, address
+
+
+def open_file_limit() -> int | None:
+    try:
+        import resource
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):
+        return None
+    return None if soft == resource.RLIM_INFINITY else soft
 
 
 def quiet_exhaustion(loop, context) -> None:
