@@ -91,16 +91,23 @@ def read_splits(cfg: TrainConfig):
     from eclip.data.readers import read_dataset
     root = Path(cfg.data_root) if cfg.data_root else None
     explanations = Path(cfg.explanations) if cfg.explanations else None
-    train = read_dataset(cfg.dataset, root, cfg.train_split, explanations, image_folder=cfg.image_folder)
+    from eclip.cli.options import columns
+    keys = columns(cfg.image_key, cfg.text_key, cfg.id_key)
+    train = read_dataset(cfg.dataset, root, cfg.train_split, explanations, image_folder=cfg.image_folder,
+                         columns=keys)
+    skipped = getattr(train, "skipped", [])      # samples the reader left out: the trainer logs them
     if cfg.no_val:
         val = []
     elif cfg.val_fraction is not None:
         train, val = hold_out(train, cfg.val_fraction)
     else:
-        val = read_dataset(cfg.val_dataset, root, cfg.val_split, image_folder=cfg.image_folder)
+        val = read_dataset(cfg.val_dataset, root, cfg.val_split, image_folder=cfg.image_folder, columns=keys)
         if not val:
             raise EclipError(f"{cfg.val_dataset}: no validation pairs")
     if len(train) < cfg.batch_size:
         raise EclipError(f"--dataset {cfg.dataset}: {len(train)} training pairs, fewer than one batch "
                          f"(--batch-size {cfg.batch_size}; incomplete batches are dropped)")
+    if skipped:
+        from eclip.data.shards import RecordList
+        train = RecordList(train, skipped)
     return train, val

@@ -115,6 +115,9 @@ class Trainer:
         latest = self._restore(resume)
         self.rec = Recorder(self.run.path, self.main, cfg.tensorboard, self.t["step"], self.total_steps)
         self.skiplog = SkipLog(self.run / "skipped.jsonl") if self.main else None
+        if self.skiplog is not None and not latest:   # samples without an image or text (shards, parquet)
+            for s in getattr(self.train_records, "skipped", []):
+                self.skiplog.write(**s.to_log())
         self.start = time.perf_counter() - self.t["elapsed_s"]
         self._reset_window(self.t.get("window"))   # a resume inside a logging window continues that window
         where = f"from step {self.t['step']}" if latest else "from the start"
