@@ -178,6 +178,7 @@ class TrainConfig:
     image_key: Optional[str] = None       # --image-key / --text-key / --id-key: fields of shards and tables
     text_key: Optional[str] = None        # (eclip.data.shards.Columns)
     id_key: Optional[str] = None
+    shuffle_buffer: Optional[int] = None  # read shards in a shuffled order through a buffer of N (eclip.data.stream)
     train_split: str = "train"
     val_split: str = "val"
     model: Optional[str] = None

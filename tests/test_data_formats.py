@@ -85,11 +85,11 @@ def test_embed_split_by_shard_range_joins_into_one_folder(sets, tmp_path):
                code=2).stderr.count("\n") == 1
 
 
-def _train(sets, name, out):
+def _train(sets, name, out, *extra):
     return json.loads(cli("train", "--dataset", sets[name], "--model", sets["model"], *MODEL, "--epochs", "1",
                           "--batch-size", "12", "--lr", "1e-3", "--vision-experts", "2", "--text-experts", "2",
                           "--shared-experts", "2", "--workers", "0", "--no-val", "--no-tensorboard",
-                          "--output", out, "--json").stdout)
+                          "--output", out, *extra, "--json").stdout)
 
 
 @pytest.mark.slow
@@ -245,3 +245,32 @@ def test_img2dataset_outputs_read_as_its_pairs(sets, tmp_path):
                  enable_wandb=False)
         seen[fmt] = sorted(r.caption for r in read_dataset(str(tmp_path / fmt)))
     assert seen["webdataset"] == seen["files"] == seen["parquet"] == sorted(r.caption for r in records)
+
+
+# ---- streaming order ---------------------------------------------------------------------------------
+
+def test_stream_order_reads_whole_shards_through_a_bounded_buffer(sets):
+    from eclip.data.members import container_of
+    from eclip.data.readers import read_dataset
+    from eclip.data.stream import ShardStreamOrder
+    records = read_dataset(sets["shards"])
+    order = ShardStreamOrder(records, seed=1, buffer=4)
+    first = list(order)
+    assert sorted(first) == list(range(len(records)))          # every pair once
+    assert list(order) == first                                 # drawn from (seed, epoch) alone
+    order.set_epoch(1)
+    assert list(order) != first
+    plain = ShardStreamOrder(records, seed=1, buffer=0)
+    shards = [container_of(records[i].image) for i in plain]
+    assert sum(a != b for a, b in zip(shards, shards[1:])) == sets["n_shards"] - 1   # one shard after another
+    # a buffer of 4 holds back at most 4 pairs: none comes out more than 4 places before it was read
+    stream = [i for i in ShardStreamOrder(records, seed=1, buffer=0)]
+    assert all(position >= stream.index(i) - 4 for position, i in enumerate(first))
+    assert any(position > stream.index(i) for position, i in enumerate(first))       # and it does mix
+
+
+def test_train_reads_shards_through_a_shuffle_buffer(sets, tmp_path):
+    summary = _train(sets, "shards", tmp_path / "s", "--shuffle-buffer", "8", "--epochs", "2")
+    assert summary["steps"] == 8 and summary["pairs_seen"] == 96
+    config = json.loads((tmp_path / "s" / "config.json").read_text())
+    assert config.get("config", config)["shuffle_buffer"] == 8

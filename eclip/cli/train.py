@@ -67,6 +67,10 @@ def train(
     image_key: ImageKey = None,
     text_key: TextKey = None,
     id_key: IdKey = None,
+    shuffle_buffer: Annotated[OptInt, _int(
+        "Data", None, "Read shards whole, in a shuffled order, mixing pairs through a buffer of N (forward "
+        "reads; 0 keeps each shard's order). Default: a permutation of all pairs.", "--shuffle-buffer",
+        min=0)] = None,
     model: Model = None,
     pretrained: Pretrained = None,
     checkpoint: Checkpoint = None,
@@ -126,6 +130,7 @@ def train(
             "val_fraction": val_fraction, "no_val": no_val,
             "explanations": str(explanations) if explanations else None, "image_folder": image_folder,
             "image_key": image_key, "text_key": text_key, "id_key": id_key,
+            "shuffle_buffer": shuffle_buffer,
             "model": spec.model,
             "pretrained": spec.pretrained, "checkpoint": spec.checkpoint, "device": spec.device,
             "precision": spec.precision, "epochs": epochs, "batch_size": batch_size, "lr": lr,

@@ -103,7 +103,7 @@ class Trainer:
         self.ids = group_ids(self.train_records).to(acc.device)
         self.val_ids = group_ids(self.val_records)
         loader = pair_loader(self.train_records, model, cfg.batch_size, cfg.workers, seed=cfg.seed,
-                             augment=cfg.augment)
+                             augment=cfg.augment, shuffle_buffer=cfg.shuffle_buffer)
         self.batches_per_epoch = len(loader)
         self.total_steps = cfg.epochs * math.ceil(self.batches_per_epoch / cfg.grad_accum)
         optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, acc.device.type)

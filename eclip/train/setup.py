@@ -162,13 +162,19 @@ def training_transform(model, augment: dict | None):
 
 
 def pair_loader(records, model, batch_size: int, workers: int, seed: int | None = None,
-                augment: dict | None = None) -> DataLoader:
+                augment: dict | None = None, shuffle_buffer: int | None = None) -> DataLoader:
     """Batches of {indices, images, caption_tokens, explanation_tokens, skipped}; shuffled when `seed` is given,
-    images augmented when `augment` is given (see `training_transform`)."""
+    images augmented when `augment` is given (see `training_transform`). With `shuffle_buffer`, shards are
+    read in streaming order (eclip.data.stream) instead of a permutation of all pairs."""
     from eclip.data.dataset import PairDataset, collate_pairs
     dataset = PairDataset(records, training_transform(model, augment), model.tokenizer)
     shuffle = seed is not None
-    return DataLoader(dataset, batch_size=batch_size, sampler=EpochShuffle(len(dataset), seed) if shuffle else None,
+    if shuffle and shuffle_buffer is not None:
+        from eclip.data.stream import ShardStreamOrder
+        sampler = ShardStreamOrder(records, seed, shuffle_buffer)
+    else:
+        sampler = EpochShuffle(len(dataset), seed) if shuffle else None
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler,
                       drop_last=shuffle, collate_fn=collate_pairs, num_workers=workers,
                       # workers live across epochs: forking them anew each epoch cost ~30% of the
                       # loading CPU on the demo set (812 pairs, short epochs)
