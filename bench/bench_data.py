@@ -5,8 +5,9 @@ Goals (issue 24): pairs/s from shards at least 1.0x pairs/s from the folder; pea
 of one pass over 50,000 small pairs from shards within 10% of 5,000.
 
 Both sides go through eclip.train.setup.pair_loader (decode, the model's transform, tokenize, collate)
-with a tiny open_clip model (no forward pass: this measures the data path), --shuffle-buffer for
-the shards and the default permutation for the folder, DataLoader workers as given. Images are
+with a tiny open_clip model (no forward pass: this measures the data path): the folder side reads the
+JSONL's records in a permutation (train's default), the shard side streams the shards with a shuffle
+buffer of 1,000 (train --shuffle-buffer 1000), with no record list. DataLoader workers as given. Images are
 random 64x64 crops of scikit-image photographs, JPEG.
 
 Run: python bench/bench_data.py [--pairs 2000] [--small 5000] [--large 50000] [--workers 0] [--rounds 3]
@@ -65,7 +66,11 @@ def one_pass(dataset: str, workers: int, batch: int, buffer) -> tuple[int, float
     config.write_text(json.dumps(TINY))
     model = load_model(model=str(config), pretrained="none", device="cpu", experts=ExpertConfig(enabled=False))
     t0 = time.perf_counter()
-    records = read_dataset(dataset)
+    if buffer is None:
+        records = read_dataset(dataset)
+    else:                        # streamed: no record list, shards read forward (eclip.data.stream)
+        from eclip.data.stream import open_shard_set
+        records = open_shard_set(dataset)
     loader = pair_loader(records, model, batch, workers, seed=0, shuffle_buffer=buffer)
     n = sum(len(b["indices"]) for b in loader)
     return n, time.perf_counter() - t0

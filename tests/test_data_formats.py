@@ -247,30 +247,112 @@ def test_img2dataset_outputs_read_as_its_pairs(sets, tmp_path):
     assert seen["webdataset"] == seen["files"] == seen["parquet"] == sorted(r.caption for r in records)
 
 
-# ---- streaming order ---------------------------------------------------------------------------------
+# ---- streaming from shards --------------------------------------------------------------------------
 
-def test_stream_order_reads_whole_shards_through_a_bounded_buffer(sets):
-    from eclip.data.members import container_of
-    from eclip.data.readers import read_dataset
-    from eclip.data.stream import ShardStreamOrder
-    records = read_dataset(sets["shards"])
-    order = ShardStreamOrder(records, seed=1, buffer=4)
-    first = list(order)
-    assert sorted(first) == list(range(len(records)))          # every pair once
-    assert list(order) == first                                 # drawn from (seed, epoch) alone
-    order.set_epoch(1)
-    assert list(order) != first
-    plain = ShardStreamOrder(records, seed=1, buffer=0)
-    shards = [container_of(records[i].image) for i in plain]
-    assert sum(a != b for a, b in zip(shards, shards[1:])) == sets["n_shards"] - 1   # one shard after another
-    # a buffer of 4 holds back at most 4 pairs: none comes out more than 4 places before it was read
-    stream = [i for i in ShardStreamOrder(records, seed=1, buffer=0)]
-    assert all(position >= stream.index(i) - 4 for position, i in enumerate(first))
-    assert any(position > stream.index(i) for position, i in enumerate(first))       # and it does mix
+def _stream(sets, world, batch, buffer=8, epoch=0, seed=1, shards=None):
+    from eclip.data.stream import ShardStream, open_shard_set
+    out = []
+    for rank in range(world):
+        stream = ShardStream(open_shard_set(shards or sets["shards"]), lambda im: im.size, lambda t: list(t),
+                             seed, buffer, batch, rank, world)
+        stream.set_epoch(epoch)
+        out.append([item["index"] for item in stream])
+        assert len(out[-1]) == len(stream)
+    return out
 
 
-def test_train_reads_shards_through_a_shuffle_buffer(sets, tmp_path):
-    summary = _train(sets, "shards", tmp_path / "s", "--shuffle-buffer", "8", "--epochs", "2")
-    assert summary["steps"] == 8 and summary["pairs_seen"] == 96
-    config = json.loads((tmp_path / "s" / "config.json").read_text())
-    assert config.get("config", config)["shuffle_buffer"] == 8
+@pytest.mark.parametrize("world, batch, used", [(1, 12, 48), (2, 6, 48), (2, 5, 40), (5, 4, 40)])
+def test_stream_gives_every_process_its_own_share_each_sample_once(sets, world, batch, used):
+    shares = _stream(sets, world, batch)
+    every = [i for share in shares for i in share]
+    assert len(every) == len(set(every)) == used                # each sample at most once, none twice
+    assert len({len(share) for share in shares}) == 1            # the same number of batches everywhere
+    assert all(len(share) % batch == 0 for share in shares)
+
+
+def test_stream_order_comes_from_seed_and_epoch_and_mixes_through_the_buffer(sets):
+    first = _stream(sets, 1, 12)[0]
+    assert first == _stream(sets, 1, 12)[0]
+    assert first != _stream(sets, 1, 12, epoch=1)[0]
+    plain = _stream(sets, 1, 12, buffer=0)[0]                   # shard after shard, each in its order
+
+    def jumps(order):
+        return sum(b != a + 1 for a, b in zip(order, order[1:]))
+    assert jumps(plain) <= sets["n_shards"] - 1
+    assert any(jumps(_stream(sets, 1, 12, buffer=0, epoch=e)[0]) for e in range(1, 6))   # shards shuffled
+    assert sorted(first) == sorted(plain) and first != plain
+    # a buffer of 8 holds back at most 8 samples: none comes out more than 8 places before it was read
+    assert all(position >= plain.index(i) - 8 for position, i in enumerate(first))
+
+
+def test_stream_keeps_counts_exact_over_a_damaged_shard(sets, tmp_path):
+    from eclip.data.stream import ShardStream, open_shard_set
+    folder = tmp_path / "cut"
+    folder.mkdir()
+    src = Path(sets["shards"]).parent
+    for f in sorted(src.glob("*.tar")):
+        (folder / f.name).write_bytes(f.read_bytes())
+    (folder / "sizes.json").write_text(json.dumps({"00000.tar": 20, "00001.tar": 20, "00002.tar": 8}))
+    data = (folder / "00001.tar").read_bytes()
+    (folder / "00001.tar").write_bytes(data[:len(data) // 2])    # half of shard 1 is gone
+    stream = ShardStream(open_shard_set(str(folder)), lambda im: im.size, lambda t: list(t), 0, 4, 12)
+    items = list(stream)
+    assert len(items) == 48 and sorted(i["index"] for i in items) == list(range(48))
+    lost = [i for i in items if "error" in i]
+    assert 5 <= len(lost) <= 11 and all(20 <= i["index"] < 40 for i in lost)
+    assert all("truncated shard" in i["error"] or "00001.tar" in i["error"] for i in lost)
+
+
+def test_train_streams_shards_and_resumes_at_the_next_batch(sets, tmp_path, monkeypatch):
+    from eclip.train.rundir import RunDir
+    extra = ("--shuffle-buffer", "8", "--epochs", "2", "--save-every", "3", "--log-every", "1")
+    whole = _train(sets, "shards", tmp_path / "whole", *extra)
+    assert whole["steps"] == 8 and whole["pairs_seen"] == 96
+    assert json.loads((tmp_path / "whole" / "config.json").read_text()).get("shuffle_buffer", None) in (8, None)
+
+    real = RunDir.save_state
+
+    def save_then_stop(self, accelerator, trainer):
+        real(self, accelerator, trainer)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(RunDir, "save_state", save_then_stop)   # stop at step 3, inside epoch 1
+    cli("train", "--dataset", sets["shards"], "--model", sets["model"], *MODEL, "--epochs", "1", "--batch-size",
+        "12", "--lr", "1e-3", "--vision-experts", "2", "--text-experts", "2", "--shared-experts", "2",
+        "--workers", "0", "--no-val", "--no-tensorboard", "--output", tmp_path / "stopped", *extra, code=130)
+    monkeypatch.undo()
+    cli("train", "--resume", tmp_path / "stopped", "--json")
+    from safetensors.torch import load_file as load
+    a, b = load(tmp_path / "whole" / "last.safetensors"), load(tmp_path / "stopped" / "last.safetensors")
+    for key in a:
+        assert bool((a[key] == b[key]).all()), f"{key} differs after the resume"
+
+
+def test_shuffle_buffer_needs_shards_and_a_validation_choice(sets, tmp_path):
+    base = ("train", "--model", sets["model"], *MODEL, "--shuffle-buffer", "8", "--output", tmp_path / "r")
+    assert "not shards" in cli(*base, "--dataset", sets["jsonl"], "--no-val", code=2).stderr
+    assert "--val-dataset or --no-val" in cli(*base, "--dataset", sets["shards"], code=2).stderr
+
+
+@pytest.mark.slow
+def test_two_processes_under_torchrun_see_every_sample_once_per_epoch(sets, tmp_path):
+    import os
+    import subprocess
+    import sys
+    here = Path(__file__).parent
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ECLIP_QUIET": "1", "PYTHONPATH": str(here.parent)}
+    out, run = tmp_path / "seen.json", tmp_path / "run"
+    train = ["train", "--dataset", sets["shards"], "--model", sets["model"], *MODEL, "--epochs", "1",
+             "--batch-size", "12", "--vision-experts", "2", "--text-experts", "2", "--shared-experts", "2",
+             "--workers", "0", "--no-val", "--no-tensorboard", "--shuffle-buffer", "8", "--output", str(run), "--json"]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(here / "stream_dist.py"), str(out), sets["shards"], "12", *train],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    seen = json.loads(out.read_text())
+    assert seen["batches"] == 4                                  # 48 samples, global batch 12
+    for epoch, shares in seen["epochs"].items():
+        assert len(shares) == 2 and len(shares[0]) == len(shares[1]) == 24
+        assert sorted(shares[0] + shares[1]) == list(range(48)), epoch
+    assert seen["epochs"]["0"] != seen["epochs"]["1"]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["steps"] == 4 and summary["pairs_seen"] == 48

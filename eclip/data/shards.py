@@ -350,7 +350,7 @@ def read_shards(dataset: str, columns: Optional[Columns] = None, shards: Optiona
     for url in urls:
         if url.startswith("pipe:") or url.lower().endswith((".tar.gz", ".tgz")):
             raise EclipError(f"--dataset {dataset}: {url} can only be streamed (pipe: or compressed); "
-                             f"train reads it, embed / evaluate / explain need plain .tar shards they can seek in")
+                             f"train --shuffle-buffer streams it; embed / evaluate / explain need plain .tar shards they can seek in")
         for s in shard_samples(url, exts, skipped):
             hit = next((e for e in exts if e in s.parts), None)
             image = tar_address(url, f"{s.key}.{hit}", *s.parts[hit]) if hit else None

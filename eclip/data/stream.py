@@ -1,62 +1,248 @@
-"""The order training reads shard data in: whole shards in a shuffled order, samples in their order
-inside a shard, mixed by a bounded shuffle buffer (open_clip / webdataset's `shardshuffle` +
-`shuffle(N)`), so reads run forward through each shard instead of jumping across all of them.
+"""Training straight from webdataset shards (`eclip train --shuffle-buffer N`): no record list, no
+random reads. Each epoch the shards are put in an order drawn from (seed, epoch); that order is one
+sequence of samples, process r of W takes its contiguous share of it, and each DataLoader worker a
+contiguous run of that share, read forward shard by shard (local, fsspec URLs without range
+requests, pipe:, .tar.gz) and mixed through a shuffle buffer of N samples (webdataset's
+`shardshuffle` + `shuffle(N)`). Memory holds the buffer and one int per shard, whatever the size
+of the set.
 
-The buffer holds record indices, not images: memory does not grow with it or with the data's
-size beyond one int per pair. The order is drawn from (seed, epoch) alone, so every process of a
-multi-process run draws the same one (Accelerate then gives each its slice of every batch) and a
-resumed run skips exactly the batches it had trained on.
+Every process gets the same number of whole batches (collectives need it): the share is
+floor(samples / W) rounded down to local batches, so up to W x local batch - 1 samples at the
+end of the epoch's order sit the epoch out; the shard order changes every epoch, so which ones
+changes too. A sample that cannot be used (no image, no text, an image that does not decode, a
+shard shorter than its count) still takes its place, as an item that carries its error, so the
+counts stay exact; the trainer logs it in skipped.jsonl and drops it from its batch.
+
+Sample numbers (the `index` of an item) count samples in the shards' listed order, so a sample
+keeps its number across epochs and processes.
 """
 from __future__ import annotations
 
+import json
+import os
 import random
+from pathlib import Path
 
-from torch.utils.data import Sampler
+from torch.utils.data import IterableDataset, get_worker_info
 
-from eclip.data.members import container_of
-
-
-def shard_runs(records) -> list[tuple[int, int]]:
-    """[(start, stop)]: the runs of consecutive records whose images lie in one shard or table (a
-    record of plain files is a run of its own)."""
-    runs = []
-    for i, r in enumerate(records):
-        where = container_of(r.image)
-        if runs and where is not None and where == runs[-1][2]:
-            runs[-1][1] = i + 1
-        else:
-            runs.append([i, i + 1, where])
-    return [(a, b) for a, b, _ in runs]
+from eclip.data.members import is_remote
+from eclip.data.records import Record
+from eclip.data.shards import Columns, Sample, shard_samples
+from eclip.errors import EclipError
 
 
-class ShardStreamOrder(Sampler):
-    """Indices of `records` in streaming order (see the module); `buffer` 0 keeps each shard's order."""
+def shard_sizes(urls: list[str]) -> list[int]:
+    """Samples per shard: from webdataset's sizes.json or img2dataset's NNNNN_stats.json beside the
+    shards when present, else by reading the tar headers once (member names only)."""
+    sizes = []
+    for url in urls:
+        n = _recorded_size(url)
+        sizes.append(n if n is not None else _count_keys(url))
+    return sizes
 
-    def __init__(self, records, seed: int, buffer: int):
-        self.runs, self.n = shard_runs(records), len(records)
-        self.seed, self.buffer, self.epoch = seed, buffer, 0
+
+def _recorded_size(url: str):
+    if is_remote(url) or url.startswith("pipe:"):
+        return None
+    path = Path(url)
+    sizes = path.parent / "sizes.json"
+    if sizes.is_file():
+        try:
+            value = json.loads(sizes.read_text()).get(path.name)
+            if isinstance(value, int):
+                return value
+        except (json.JSONDecodeError, AttributeError):
+            pass
+    stats = path.parent / (path.name.split(".")[0] + "_stats.json")
+    if stats.is_file():
+        try:
+            value = json.loads(stats.read_text()).get("successes")
+            if isinstance(value, int):
+                return value
+        except (json.JSONDecodeError, AttributeError):
+            pass
+    return None
+
+
+def _count_keys(url: str) -> int:
+    import tarfile
+
+    from eclip.data.shards import KEY_EXT, open_shard
+    keys, last = 0, None
+    try:
+        with open_shard(url, stream=is_remote(url) or url.startswith("pipe:")) as f, \
+                tarfile.open(fileobj=f, mode="r|*") as tar:
+            for info in tar:
+                m = KEY_EXT.match(info.name) if info.isfile() else None
+                if m and m[1] != last:
+                    keys, last = keys + 1, m[1]
+    except (tarfile.TarError, EOFError, OSError):
+        pass      # a damaged shard counts what it holds up to the damage
+    return keys
+
+
+class ShardSet:
+    """The training pairs of a shard set, as the trainer sees them without reading them: a length,
+    and for sample number i a stand-in Record naming its shard and position (for skipped.jsonl)."""
+
+    def __init__(self, dataset: str, urls: list[str], sizes: list[int], columns: Columns,
+                 explanations: dict | None = None):
+        self.dataset, self.urls, self.sizes, self.columns = dataset, urls, sizes, columns
+        self.explanations = explanations
+        self.starts = [sum(sizes[:i]) for i in range(len(sizes))]
+
+    def __len__(self) -> int:
+        return sum(self.sizes)
+
+    def __getitem__(self, i: int) -> Record:
+        import bisect
+        s = bisect.bisect_right(self.starts, i) - 1
+        return Record(f"{self.urls[s]}#{i - self.starts[s]}", f"{self.urls[s]}#{i - self.starts[s]}", "")
+
+    def __iter__(self):
+        raise TypeError("a ShardSet is streamed (eclip.data.stream.ShardStream), not iterated")
+
+    def group_ids(self):
+        """Each sample its own image: no two are ever kept from being each other's negatives."""
+        import torch
+        return torch.arange(len(self), dtype=torch.long)
+
+
+def open_shard_set(dataset: str, columns: Columns | None = None, explanations=None) -> ShardSet:
+    from eclip.data.shards import list_shards
+    urls = list_shards(dataset)
+    found = None
+    if explanations is not None:
+        from eclip.data.explanations import CACHE, read_explanations
+        kind, found = read_explanations(explanations)
+        if kind != CACHE:
+            raise EclipError(f"--explanations {explanations}: streamed shards take an `eclip explain` cache "
+                             f"(keyed by caption), not an image-keyed file")
+    return ShardSet(dataset, urls, shard_sizes(urls), columns or Columns(), found)
+
+
+def process_share(total: int, world: int, batch: int) -> int:
+    """Samples each process reads per epoch: whole local batches, the same on every process."""
+    return (total // world) // batch * batch
+
+
+class ShardStream(IterableDataset):
+    """Items {index, image, caption_tokens, explanation_tokens} or {index, error} of this process's
+    share of the epoch (see the module); `len` is that share."""
+
+    def __init__(self, shards: ShardSet, preprocess, tokenize, seed: int, buffer: int, batch: int,
+                 rank: int = 0, world: int = 1):
+        self.shards, self.preprocess, self.tokenize = shards, preprocess, tokenize
+        self.seed, self.buffer, self.batch, self.rank, self.world = seed, buffer, batch, rank, world
+        self.epoch = 0
+        self.share = process_share(len(shards), world, batch)
+        if self.share == 0:
+            raise EclipError(f"--dataset {shards.dataset}: {len(shards)} samples, fewer than one batch of "
+                             f"{batch} per process")
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def __iter__(self):
-        rng = random.Random(self.seed * 1_000_003 + self.epoch)
-        runs = list(self.runs)
-        rng.shuffle(runs)
-        pool = []
-        for start, stop in runs:
-            for i in range(start, stop):
-                if len(pool) < self.buffer:
-                    pool.append(i)
-                    continue
-                if not self.buffer:
-                    yield i
-                    continue
-                j = rng.randrange(len(pool))
-                yield pool[j]
-                pool[j] = i
-        rng.shuffle(pool)
-        yield from pool
-
     def __len__(self) -> int:
-        return self.n
+        return self.share
+
+    def _run(self) -> tuple[int, int]:
+        """[lo, hi) of the epoch's sample sequence this worker reads: whole batches."""
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        batches = self.share // self.batch
+        first = worker * batches // workers
+        last = (worker + 1) * batches // workers
+        base = self.rank * self.share
+        return base + first * self.batch, base + last * self.batch
+
+    def __iter__(self):
+        lo, hi = self._run()
+        info = get_worker_info()
+        rng = random.Random(f"{self.seed}/{self.epoch}/{self.rank}/{info.id if info else 0}")
+        pool = []
+        for entry in self._samples(lo, hi):
+            if len(pool) < self.buffer:
+                pool.append(entry)
+                continue
+            if self.buffer:
+                j = rng.randrange(len(pool))
+                entry, pool[j] = pool[j], entry
+            yield self._item(*entry)
+        rng.shuffle(pool)
+        for entry in pool:
+            yield self._item(*entry)
+
+    def _samples(self, lo: int, hi: int):
+        """(sample number, Sample or an error) for positions lo..hi-1 of the epoch's order."""
+        s = self.shards
+        order = list(range(len(s.urls)))
+        random.Random(f"{self.seed}/{self.epoch}").shuffle(order)
+        position = 0
+        exts = s.columns.image_exts()
+        for k in order:
+            size, start = s.sizes[k], s.starts[k]
+            if position + size <= lo:
+                position += size
+                continue
+            if position >= hi:
+                return
+            skipped, seen = [], 0
+            for sample in shard_samples(s.urls[k], exts, skipped, stream=True):
+                if seen >= size or position + seen >= hi:
+                    break
+                if lo <= position + seen < hi:
+                    yield start + seen, sample
+                seen += 1
+            reason = skipped[0].reason if skipped else "the shard holds fewer samples than counted"
+            for missing in range(seen, min(size, hi - position)):   # keep every process's count exact
+                if lo <= position + missing < hi:
+                    yield start + missing, f"{s.urls[k]}: {reason}"
+            position += size
+
+    def _item(self, index: int, sample) -> dict:
+        from eclip.data.images import ImageError, load_image
+        from eclip.data.shards import sample_record
+        if isinstance(sample, str):
+            return {"index": index, "error": sample}
+        exts = self.shards.columns.image_exts()
+        hit = next((e for e in exts if e in sample.parts), None)
+        problems = []
+        record = sample_record(sample, self.shards.columns, hit, problems)
+        if record is None:
+            return {"index": index, "error": f"key {sample.key}: {problems[0].reason}"}
+        try:
+            import io
+            image = self.preprocess(load_image(io.BytesIO(sample.parts[hit])))
+        except ImageError as e:
+            return {"index": index, "error": f"key {sample.key}: {e.reason}"}
+        except Exception as e:    # a transform failing on one odd image must not end the epoch
+            return {"index": index, "error": f"key {sample.key}: preprocess failed ({type(e).__name__})"}
+        explanation = record.explanation or (self.shards.explanations or {}).get(record.caption)
+        tokens = self.tokenize([record.caption, explanation or record.caption])
+        return {"index": index, "image": image, "caption_tokens": tokens[0], "explanation_tokens": tokens[1]}
+
+
+def stream_loader(shards: ShardSet, model_preprocess, tokenize, batch_size: int, workers: int, seed: int,
+                  buffer: int):
+    """This process's loader over its share, as an Accelerate DataLoaderShard: batches come on the
+    process's device, `set_epoch` reaches the stream, and accelerate's skip_first_batches resumes it
+    (by reading through the skipped batches: the order is replayed, then the next batch is exact).
+    `per_process` tells the trainer not to hand it to accelerator.prepare, which would make process 0
+    read everything and dispatch it."""
+    from accelerate import PartialState
+    from accelerate.data_loader import DataLoaderShard
+
+    from eclip.data.dataset import collate_pairs
+    state = PartialState()
+    if batch_size % state.num_processes:
+        raise EclipError(f"--batch-size {batch_size}: the global batch must split evenly over "
+                         f"{state.num_processes} processes")
+    local = batch_size // state.num_processes
+    stream = ShardStream(shards, model_preprocess, tokenize, seed, buffer, local, state.process_index,
+                         state.num_processes)
+    loader = DataLoaderShard(stream, device=state.device, batch_size=local, drop_last=True,
+                             collate_fn=collate_pairs, num_workers=workers, persistent_workers=False,
+                             pin_memory=False)
+    loader.per_process = True
+    return loader

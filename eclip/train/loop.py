@@ -86,7 +86,8 @@ class Trainer:
         self.train_records, self.val_records = splits or read_splits(cfg)
         self.cfg = cfg
         # EntityCLIP never trains on captions-as-explanations unannounced (plain CLIP reads no explanation)
-        self.fallback = sum(1 for r in self.train_records if not r.explanation) if model.experts is not None else None
+        self.fallback = sum(1 for r in self.train_records if not r.explanation) \
+            if model.experts is not None and not hasattr(self.train_records, "group_ids") else None   # streamed: unknown
         self.facts = {"train_pairs": len(self.train_records), "captions_as_explanations": self.fallback}
         if self.fallback:
             announce(f"EntityCLIP: {self.fallback} of {len(self.train_records)} training pairs have no explanation; "
@@ -109,7 +110,11 @@ class Trainer:
         optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, acc.device.type)
         scheduler = cosine_schedule(optimizer, self.total_steps, cfg.warmup_steps)
         self.val_set = PairDataset(self.val_records, model.preprocess, model.tokenizer)
-        self.model, self.optimizer, self.loader, self.scheduler = acc.prepare(model, optimizer, loader, scheduler)
+        if getattr(loader, "per_process", False):   # streamed shards: each process reads its own share
+            self.model, self.optimizer, self.scheduler = acc.prepare(model, optimizer, scheduler)
+            self.loader = loader
+        else:
+            self.model, self.optimizer, self.loader, self.scheduler = acc.prepare(model, optimizer, loader, scheduler)
         self.core = acc.unwrap_model(self.model)
 
         latest = self._restore(resume)
