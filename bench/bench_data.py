@@ -69,7 +69,7 @@ def one_pass(dataset: str, workers: int, batch: int, buffer) -> tuple[int, float
     if buffer is None:
         records = read_dataset(dataset)
     else:                        # streamed: no record list, shards read forward (eclip.data.stream)
-        from eclip.data.stream import open_shard_set
+        from eclip.data.shardset import open_shard_set
         records = open_shard_set(dataset)
     loader = pair_loader(records, model, batch, workers, seed=0, shuffle_buffer=buffer)
     n = sum(len(b["indices"]) for b in loader)

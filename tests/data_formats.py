@@ -36,7 +36,7 @@ def write_all(records, folder: Path, per_shard: int = 20) -> dict:
     for i, r in enumerate(records):
         sub = files / f"{i // per_shard:05d}"
         sub.mkdir(parents=True, exist_ok=True)
-        stem = sub / r.id
+        stem = sub / f"{i:09d}"          # img2dataset's keys: the sample number; the id goes in the json member
         stem.with_suffix(".jpg").write_bytes(images[i])
         stem.with_suffix(".txt").write_text(r.caption)
         stem.with_suffix(".json").write_text(json.dumps({"key": r.id}))

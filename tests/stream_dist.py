@@ -14,7 +14,8 @@ def run(out: str, shards: str, batch: int) -> None:
     from accelerate import PartialState
     from accelerate.utils import gather_object
 
-    from eclip.data.stream import open_shard_set, stream_loader
+    from eclip.data.shardset import open_shard_set
+    from eclip.data.stream import stream_loader
     state = PartialState(cpu=True)
     seen = {}
     loader = stream_loader(open_shard_set(shards), _image, _tokens, batch, workers=2, seed=3, buffer=8)

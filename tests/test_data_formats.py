@@ -55,7 +55,7 @@ def test_embed_writes_the_vectors_of_the_jsonl_set_one_partition_per_shard(sets,
 
     cli("embed", "--dataset", sets["jsonl"], "--model", sets["model"], *MODEL, "--dtype", "fp32",
         "--workers", "0", "-o", tmp_path / "a")
-    for name in ("shards", "parquet"):
+    for name in ("shards", "parquet", "bytes_parquet", "files"):
         cli("embed", "--dataset", sets[name], "--model", sets["model"], *MODEL, "--dtype", "fp32",
             "--workers", "0", "-o", tmp_path / name)
         for kind in ("images", "texts"):
@@ -85,8 +85,8 @@ def test_embed_split_by_shard_range_joins_into_one_folder(sets, tmp_path):
                code=2).stderr.count("\n") == 1
 
 
-def _train(sets, name, out, *extra):
-    return json.loads(cli("train", "--dataset", sets[name], "--model", sets["model"], *MODEL, "--epochs", "1",
+def _train(sets, name, out, *extra, dataset=None):
+    return json.loads(cli("train", "--dataset", dataset or sets[name], "--model", sets["model"], *MODEL, "--epochs", "1",
                           "--batch-size", "12", "--lr", "1e-3", "--vision-experts", "2", "--text-experts", "2",
                           "--shared-experts", "2", "--workers", "0", "--no-val", "--no-tensorboard",
                           "--output", out, *extra, "--json").stdout)
@@ -96,17 +96,19 @@ def _train(sets, name, out, *extra):
 def test_one_epoch_from_shards_and_parquet_gives_the_weights_of_jsonl(sets, tmp_path):
     from safetensors.torch import load_file as load
     base = load(Path(_train(sets, "jsonl", tmp_path / "a")["last_checkpoint"]))
-    for name in ("shards", "parquet"):
+    for name in ("shards", "parquet", "files"):
         other = load(Path(_train(sets, name, tmp_path / name)["last_checkpoint"]))
         assert set(other) == set(base)
         for key in base:
             assert bool((other[key] == base[key]).all()), f"{name}: {key} differs"
 
 
-def test_explain_reads_shards(sets, tmp_path):
-    out = cli("explain", "--dataset", sets["shards"], "--dry-run", "--json").stdout
-    summary = json.loads(out)
-    assert summary["records"] == 48 and len(summary["prompts"]) == summary["captions"]
+@pytest.mark.parametrize("name", ["shards", "parquet", "bytes_parquet", "files"])
+def test_explain_reads_every_format(sets, name):
+    ours = json.loads(cli("explain", "--dataset", sets["jsonl"], "--dry-run", "--json").stdout)
+    summary = json.loads(cli("explain", "--dataset", sets[name], "--dry-run", "--json").stdout)
+    assert summary["records"] == 48
+    assert [p["prompt"] for p in summary["prompts"]] == [p["prompt"] for p in ours["prompts"]]
 
 
 # ---- bad input ------------------------------------------------------------------------------------
@@ -215,12 +217,18 @@ def http_folder(sets):
     server.shutdown()
 
 
-def test_remote_shards_over_http_and_pipe(sets, http_folder):
+def test_remote_shards_over_http_and_pipe(sets, http_folder, tmp_path):
+    def tmp_path_for(url):
+        return tmp_path / ("http" if url.startswith("http") else "pipe")
+
     pattern = Path(sets["shards"]).name
     ours = json.loads(cli("evaluate", "--dataset", sets["jsonl"], "--model", sets["model"], *MODEL, "--json").stdout)
     remote = json.loads(cli("evaluate", "--dataset", f"{http_folder}/shards/{pattern}", "--model", sets["model"],
                             *MODEL, "--json").stdout)
     assert remote["rsum"] == ours["rsum"] and remote["text_to_image"] == ours["text_to_image"]
+    for remote_shards in (f"{http_folder}/shards/{pattern}", f"pipe:cat {Path(sets['shards']).parent}/{pattern}"):
+        summary = _train(sets, None, tmp_path_for(remote_shards), "--shuffle-buffer", "8", dataset=remote_shards)
+        assert summary["steps"] == 4 and summary["skipped_images"] == 0
     from eclip.data.shards import Columns, shard_samples
     skipped = []
     piped = list(shard_samples(f"pipe:cat {Path(sets['shards']).parent / '00000.tar'}", Columns().image_exts(),
@@ -250,7 +258,8 @@ def test_img2dataset_outputs_read_as_its_pairs(sets, tmp_path):
 # ---- streaming from shards --------------------------------------------------------------------------
 
 def _stream(sets, world, batch, buffer=8, epoch=0, seed=1, shards=None):
-    from eclip.data.stream import ShardStream, open_shard_set
+    from eclip.data.shardset import open_shard_set
+    from eclip.data.stream import ShardStream
     out = []
     for rank in range(world):
         stream = ShardStream(open_shard_set(shards or sets["shards"]), lambda im: im.size, lambda t: list(t),
@@ -286,7 +295,8 @@ def test_stream_order_comes_from_seed_and_epoch_and_mixes_through_the_buffer(set
 
 
 def test_stream_keeps_counts_exact_over_a_damaged_shard(sets, tmp_path):
-    from eclip.data.stream import ShardStream, open_shard_set
+    from eclip.data.shardset import open_shard_set
+    from eclip.data.stream import ShardStream
     folder = tmp_path / "cut"
     folder.mkdir()
     src = Path(sets["shards"]).parent
@@ -356,3 +366,35 @@ def test_two_processes_under_torchrun_see_every_sample_once_per_epoch(sets, tmp_
     assert seen["epochs"]["0"] != seen["epochs"]["1"]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["steps"] == 4 and summary["pairs_seen"] == 48
+
+
+def test_bad_shard_and_parquet_inputs_exit_2_before_torch_loads(sets, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from test_early_errors import RUNNER
+    model = ["--model", sets["model"], "--pretrained", "none"]
+    (tmp_path / "no-shards").mkdir()
+    (tmp_path / "list.txt").write_text("a/{000..003}.tar\n")
+    cases = [
+        (["evaluate", "--dataset", str(tmp_path / "x-{000..009}.tar"), *model], "no shard matches"),
+        (["embed", "--dataset", str(tmp_path / "missing.parquet"), "-o", str(tmp_path / "e"), *model],
+         "parquet file not found"),
+        (["explain", "--dataset", str(tmp_path / "list.txt"), "--dry-run"], "no shard matches"),
+        (["train", "--dataset", str(tmp_path / "no-shards"), "--no-val", "-o", str(tmp_path / "r"), *model],
+         "neither a benchmark"),
+        (["train", "--dataset", "http://127.0.0.1:9/s-{0..3}.tar", "--shuffle-buffer", "8", "--no-val",
+          "-o", str(tmp_path / "r2"), *model], "cannot open"),
+        (["embed", "--dataset", sets["shards"], "--shards", "7-9", "-o", str(tmp_path / "e2"), *model],
+         "the dataset has shards 0-2"),
+    ]
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "HF_HUB_OFFLINE": "1", "ECLIP_QUIET": "1",
+           "PYTHONPATH": os.environ.get("PYTHONPATH", str(Path(__file__).parents[1])),
+           "ECLIP_CACHE": str(tmp_path / "cache")}
+    done = subprocess.run([sys.executable, "-c", RUNNER, json.dumps([c[0] for c in cases])], capture_output=True,
+                          text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for (args, message), got in zip(cases, json.loads(done.stdout.strip().splitlines()[-1])):
+        assert got["code"] == 2 and message in got["stderr"], (args, got)
+        assert got["stderr"].startswith("eclip: error: ") and got["stderr"].count("\n") == 1, got

@@ -124,7 +124,6 @@ _row_group: dict = {}   # (pid, path, column) -> (first row, last row + 1, pyarr
 def _parquet_cell(path: str, column: str, row: int) -> bytes:
     """Bytes of one image cell: a Hugging Face `Image` struct {bytes, path} or a plain binary column.
     The row's whole row group is read once and kept, so rows read in order cost one read per group."""
-    import pyarrow.parquet as pq
     key = (os.getpid(), path, column)
     cached = _row_group.get(key)
     if cached is None or not cached[0] <= row < cached[1]:

@@ -90,7 +90,7 @@ def _stream(cfg: TrainConfig, keys, explanations):
     """--shuffle-buffer: the shards of --dataset, to be streamed (eclip.data.stream); nothing read but
     their names and sizes."""
     from eclip.data.sources import check_source
-    from eclip.data.stream import open_shard_set
+    from eclip.data.shardset import open_shard_set
     if cfg.shuffle_buffer < 0:
         raise EclipError(f"--shuffle-buffer {cfg.shuffle_buffer}: a number of samples, 0 or more")
     if check_source(cfg.dataset) != "shards":
