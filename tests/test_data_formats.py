@@ -236,23 +236,71 @@ def test_remote_shards_over_http_and_pipe(sets, http_folder, tmp_path):
     assert len(piped) == 20 and not skipped and isinstance(piped[0].parts["jpg"], bytes)
 
 
-def test_img2dataset_outputs_read_as_its_pairs(sets, tmp_path):
-    """img2dataset itself over file:// URLs (offline) when it is installed: its webdataset, files and parquet
-    outputs give the same records. Elsewhere write_all writes the same layouts with the same writers."""
-    pytest.importorskip("img2dataset")
-    from img2dataset import download
+def _tool(name: str, env: str):
+    """A program from its own environment (img2dataset and datasets pin versions this one cannot hold):
+    $ENV, else `name` on PATH; the test is skipped without it."""
+    import os
+    import shutil
+    found = os.environ.get(env) or shutil.which(name)
+    if not found:
+        pytest.skip(f"{name} not installed (set {env} to one installed elsewhere)")
+    return found
 
+
+def test_img2dataset_outputs_read_as_its_pairs(sets, tmp_path):
+    """img2dataset itself over file:// URLs (offline): its webdataset, files and parquet outputs give the same
+    pairs. Without it, write_all writes the same layouts with the same writers."""
+    import subprocess
+    tool = _tool("img2dataset", "ECLIP_TEST_IMG2DATASET")
     from eclip.data.readers import read_dataset
     records = read_dataset(sets["jsonl"])[:8]
     urls = tmp_path / "urls.csv"
     urls.write_text("url,caption\n" + "".join(f'file://{r.image},"{r.caption}"\n' for r in records))
     seen = {}
     for fmt in ("webdataset", "files", "parquet"):
-        download(url_list=str(urls), input_format="csv", url_col="url", caption_col="caption", output_format=fmt,
-                 output_folder=str(tmp_path / fmt), processes_count=1, thread_count=2, image_size=64,
-                 enable_wandb=False)
-        seen[fmt] = sorted(r.caption for r in read_dataset(str(tmp_path / fmt)))
+        subprocess.run([tool, "--url_list", str(urls), "--input_format", "csv", "--url_col", "url", "--caption_col",
+                        "caption", "--output_format", fmt, "--output_folder", str(tmp_path / fmt),
+                        "--processes_count", "1", "--thread_count", "2", "--image_size", "64",
+                        "--enable_wandb", "False"], check=True, capture_output=True, timeout=300)
+        got = read_dataset(str(tmp_path / fmt))
+        assert not got.skipped, got.skipped
+        seen[fmt] = sorted(r.caption for r in got)
     assert seen["webdataset"] == seen["files"] == seen["parquet"] == sorted(r.caption for r in records)
+
+
+HF_WRITER = """
+import json, sys
+import datasets
+spec = json.load(open(sys.argv[1]))
+features = datasets.Features({"id": datasets.Value("string"), "image": datasets.Image(),
+                              "caption": datasets.Value("string")})
+images = [{"bytes": open(p, "rb").read(), "path": None} for p in spec["images"]] if spec["bytes"] else spec["images"]
+datasets.Dataset.from_dict({"id": spec["ids"], "image": images, "caption": spec["captions"]},
+                           features=features).to_parquet(spec["out"])
+"""
+
+
+def test_hugging_face_datasets_parquet_reads_as_its_pairs(sets, tmp_path):
+    """`datasets` itself writes an Image column holding bytes, and one holding only paths: both evaluate like
+    the same pairs as JSONL. Without it, write_all's pyarrow copy of the same schema stands in."""
+    import subprocess
+    python = _tool("python-with-datasets", "ECLIP_TEST_DATASETS_PYTHON")
+    from eclip.data.readers import read_dataset
+    records = read_dataset(sets["jsonl"])[:6]
+    (tmp_path / "six.jsonl").write_text("".join(json.dumps({"id": r.id, "image": r.image, "text": r.caption}) + "\n"
+                                                for r in records))
+    ours = json.loads(cli("evaluate", "--dataset", tmp_path / "six.jsonl", "--model", sets["model"], *MODEL,
+                          "--json").stdout)
+    (tmp_path / "write.py").write_text(HF_WRITER)
+    for kind in ("bytes", "paths"):
+        spec = {"ids": [r.id for r in records], "images": [r.image for r in records], "bytes": kind == "bytes",
+                "captions": [r.caption for r in records], "out": str(tmp_path / f"{kind}.parquet")}
+        (tmp_path / "spec.json").write_text(json.dumps(spec))
+        subprocess.run([python, str(tmp_path / "write.py"), str(tmp_path / "spec.json")], check=True,
+                       capture_output=True, timeout=300)
+        out = json.loads(cli("evaluate", "--dataset", tmp_path / f"{kind}.parquet", "--model", sets["model"],
+                             *MODEL, "--json").stdout)
+        assert out["n_skipped"] == 0 and out["text_to_image"] == ours["text_to_image"], kind
 
 
 # ---- streaming from shards --------------------------------------------------------------------------
@@ -398,3 +446,23 @@ def test_bad_shard_and_parquet_inputs_exit_2_before_torch_loads(sets, tmp_path):
     for (args, message), got in zip(cases, json.loads(done.stdout.strip().splitlines()[-1])):
         assert got["code"] == 2 and message in got["stderr"], (args, got)
         assert got["stderr"].startswith("eclip: error: ") and got["stderr"].count("\n") == 1, got
+
+
+def test_explain_over_shards_feeds_train_both_ways(sets, tmp_path):
+    from test_explain import FakeLLM
+
+    from eclip.data.readers import read_dataset
+    from eclip.data.shardset import open_shard_set
+    from eclip.data.stream import ShardStream
+    from eclip.explain import explain_records
+    cache = tmp_path / "explanations.jsonl"
+    explain_records(read_dataset(sets["shards"]), FakeLLM(), cache)
+    records = read_dataset(sets["shards"], explanations=cache)          # train's record path
+    assert all(r.explanation and r.explanation.startswith("explained: ") and r.caption in r.explanation
+               for r in records)
+    stream = ShardStream(open_shard_set(sets["shards"], explanations=cache), lambda im: im.size,
+                         lambda texts: list(texts), 0, 0, 12)             # train --shuffle-buffer's path
+    items = list(stream)
+    assert len(items) == 48
+    assert all(i["explanation_tokens"].startswith("explained: ") and i["caption_tokens"] in i["explanation_tokens"]
+               for i in items)

@@ -7,7 +7,7 @@ a text file listing one URL per line, or `pipe:COMMAND` (webdataset's convention
 only). Local paths and fsspec URLs (https://, s3://, gs://, ... with the matching fsspec
 package) are read the same way.
 
-Reading uses tarfile over a file fsspec opens, not webdataset's pipeline: records need each
+Reading uses eclip.data.tarmembers (tarfile is too slow on webdataset's PAX headers) over a file fsspec opens, not webdataset's pipeline: records need each
 image member's byte offset (eclip.data.members reads it back on demand, so no image is held in
 memory), and every bad sample must be counted and named with its shard and key, which
 webdataset's handlers swallow. webdataset's own `gopen` opens `pipe:` URLs.
@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
@@ -221,15 +220,16 @@ def shard_samples(url: str, image_exts: tuple, skipped: list, stream: bool = Fal
         return
     current, last = None, ""
     stream = stream or url.startswith("pipe:")
+    from eclip.data.tarmembers import DamagedTar, tar_members
     try:
-        end = None if stream else f.seek(0, os.SEEK_END)
-        if end is not None:
-            f.seek(0)
-        with f, tarfile.open(fileobj=f, mode="r|*" if stream else "r:*") as tar:
-            for info in tar:
-                if not info.isfile():
-                    continue
-                m = KEY_EXT.match(info.name)
+        with f:
+            source = f
+            if url.lower().endswith((".tar.gz", ".tgz")):
+                import gzip
+                source = gzip.GzipFile(fileobj=f)
+            keep = None if stream else (lambda name: name.rsplit(".", 1)[-1].lower() not in image_exts)
+            for name, offset, size, data in tar_members(source, keep, seekable=not stream):
+                m = KEY_EXT.match(name)
                 if not m:
                     continue
                 key, ext = m[1], m[2].lower()
@@ -239,20 +239,21 @@ def shard_samples(url: str, image_exts: tuple, skipped: list, stream: bool = Fal
                     current = None
                 if current is None:
                     current = Sample(url, key)
-                if end is not None and info.offset_data + info.size > end:
-                    # tarfile reads a cut-off archive as one that ends early: its last member says otherwise
-                    raise EOFError("member runs past the end of the file")
-                if ext in image_exts and not stream:
-                    current.parts[ext] = (info.offset_data, info.size)
-                else:
-                    current.parts[ext] = tar.extractfile(info).read()
-    except (tarfile.TarError, EOFError, OSError, ValueError) as e:
-        reason = "truncated shard" if isinstance(e, (EOFError, tarfile.ReadError)) else \
-            f"damaged shard ({type(e).__name__}: {str(e)[:80]})"
-        skipped.append(Skipped(url, current.key if current else last, f"{reason}; the shard's later samples are lost"))
+                current.parts[ext] = data if data is not None else (offset, size)
+    except (DamagedTar, EOFError, OSError, ValueError) as e:
+        damage = e
+    else:
+        if current is not None:
+            yield current
         return
-    if current is not None:
-        yield current
+    reason = str(damage) if isinstance(damage, DamagedTar) else "truncated shard" if isinstance(damage, EOFError) \
+        else f"damaged shard ({type(damage).__name__}: {str(damage)[:80]})"
+    m = KEY_EXT.match(getattr(damage, "name", None) or "")
+    if m and (current is None or m[1] != current.key):   # the damage starts a new sample: the one before is whole
+        if current is not None:
+            yield current
+        current = Sample(url, m[1])
+    skipped.append(Skipped(url, current.key if current else last, f"{reason}; the shard's later samples are lost"))
 
 
 def folder_samples(folder: Path) -> Iterator[Sample]:

@@ -47,18 +47,21 @@ def _recorded_size(url: str):
 
 
 def _count_keys(url: str) -> int:
-    import tarfile
-
     from eclip.data.shards import KEY_EXT, open_shard
+    from eclip.data.tarmembers import DamagedTar, tar_members
     keys, last = 0, None
+    stream = is_remote(url) or url.startswith("pipe:") or url.lower().endswith((".tar.gz", ".tgz"))
     try:
-        with open_shard(url, stream=is_remote(url) or url.startswith("pipe:")) as f, \
-                tarfile.open(fileobj=f, mode="r|*") as tar:
-            for info in tar:
-                m = KEY_EXT.match(info.name) if info.isfile() else None
+        with open_shard(url, stream=stream) as f:
+            source = f
+            if url.lower().endswith((".tar.gz", ".tgz")):
+                import gzip
+                source = gzip.GzipFile(fileobj=f)
+            for name, _, _, _ in tar_members(source, keep=lambda name: False, seekable=not stream):
+                m = KEY_EXT.match(name)
                 if m and m[1] != last:
                     keys, last = keys + 1, m[1]
-    except (tarfile.TarError, EOFError, OSError):
+    except (DamagedTar, EOFError, OSError):
         pass      # a damaged shard counts what it holds up to the damage
     return keys
 
