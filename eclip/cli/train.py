@@ -68,8 +68,9 @@ def train(
     text_key: TextKey = None,
     id_key: IdKey = None,
     shuffle_buffer: Annotated[OptInt, _int(
-        "Data", None, "Read shards whole, in a shuffled order, mixing pairs through a buffer of N (forward "
-        "reads; 0 keeps each shard's order). Default: a permutation of all pairs.", "--shuffle-buffer",
+        "Data", None, "Stream webdataset shards with no record list: a shuffled shard order each epoch, each "
+        "process its own share, pairs mixed through a buffer of N samples (0: each shard in its order). Needs "
+        "--val-dataset or --no-val. Default: read the pairs first and draw a permutation.", "--shuffle-buffer",
         min=0)] = None,
     model: Model = None,
     pretrained: Pretrained = None,
