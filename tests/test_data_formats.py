@@ -466,3 +466,13 @@ def test_explain_over_shards_feeds_train_both_ways(sets, tmp_path):
     assert len(items) == 48
     assert all(i["explanation_tokens"].startswith("explained: ") and i["caption_tokens"] in i["explanation_tokens"]
                for i in items)
+
+
+def test_a_list_of_shard_urls_and_a_folder_of_shards_read_like_the_pattern(sets, tmp_path):
+    from eclip.data.readers import read_dataset
+    folder = Path(sets["shards"]).parent
+    names = sorted(p.name for p in folder.glob("*.tar"))
+    (tmp_path / "shards.txt").write_text("# one URL per line\n" + "".join(f"{folder / n}\n" for n in names))
+    want = [(r.id, r.caption) for r in read_dataset(sets["shards"])]
+    assert [(r.id, r.caption) for r in read_dataset(str(tmp_path / "shards.txt"))] == want
+    assert [(r.id, r.caption) for r in read_dataset(str(folder))] == want
