@@ -175,6 +175,10 @@ class TrainConfig:
     no_val: bool = False                  # no validation: best.safetensors is the last model
     explanations: Optional[str] = None    # `eclip explain` cache, or the authors' CapDsc_mistral file
     image_folder: Optional[str] = None    # a benchmark's image folder where it offers a choice (GoodNews: resized)
+    image_key: Optional[str] = None       # --image-key / --text-key / --id-key: fields of shards and tables
+    text_key: Optional[str] = None        # (eclip.data.shards.Columns)
+    id_key: Optional[str] = None
+    shuffle_buffer: Optional[int] = None  # read shards in a shuffled order through a buffer of N (eclip.data.stream)
     train_split: str = "train"
     val_split: str = "val"
     model: Optional[str] = None

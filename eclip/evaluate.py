@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
+from eclip.data.members import image_sha256, is_address
 from eclip.errors import EclipError
 
 DEFAULT_RECALL_K = (1, 5, 10)
@@ -62,6 +63,8 @@ class Gallery:
 
 
 def file_sha256(path: str) -> str:
+    if is_address(path):   # a tar member or a parquet cell: hash the image's own bytes
+        return image_sha256(path)
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

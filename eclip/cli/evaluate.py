@@ -8,8 +8,9 @@ import typer
 from typing_extensions import Annotated
 
 from eclip.cli import app
-from eclip.cli.options import (DATA_PANEL, Checkpoint, DataRoot, Dataset, Device, ImageFolder, Json, Model, Precision,
-                               PrecisionOpt, Pretrained, Seed, Split, model_spec, user_errors)
+from eclip.cli.options import (DATA_PANEL, Checkpoint, DataRoot, Dataset, Device, IdKey, ImageFolder, ImageKey, Json, Model,
+                               Precision, PrecisionOpt, Pretrained, Seed, Split, TextKey, columns, model_spec,
+                               user_errors)
 from eclip.errors import EclipError
 
 OUTPUT_PANEL = "Output"
@@ -24,6 +25,9 @@ def evaluate(
     data_root: DataRoot = None,
     split: Split = "test",
     image_folder: ImageFolder = None,
+    image_key: ImageKey = None,
+    text_key: TextKey = None,
+    id_key: IdKey = None,
     model: Model = None,
     pretrained: Pretrained = None,
     checkpoint: Checkpoint = None,
@@ -73,8 +77,11 @@ def evaluate(
             if not dataset:
                 raise EclipError("--dataset is required (n24news, visualnews, goodnews or a .jsonl / .csv file), "
                                  "or --embeddings DIR")
+            from eclip.data.readers import read_dataset     # bad data: exit 2 before torch loads
+            records = read_dataset(dataset, data_root, split, image_folder=image_folder,
+                                   columns=columns(image_key, text_key, id_key))
             result = run(spec, dataset, data_root, split, recall_k=ks, batch_size=batch_size, dump_ranks=dump_ranks,
-                         image_folder=image_folder, same_image=same_image)
+                         image_folder=image_folder, same_image=same_image, records=records)
         if output is not None:
             from eclip.atomic import write_text
             write_text(output, json.dumps(result, indent=2, ensure_ascii=False) + "\n")

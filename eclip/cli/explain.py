@@ -9,8 +9,8 @@ import typer
 from typing_extensions import Annotated
 
 from eclip.cli import app
-from eclip.cli.options import (DATA_PANEL, DataRoot, Dataset, Device, ImageFolder, Json, Precision,
-                               PrecisionOpt, Split, user_errors)
+from eclip.cli.options import (DATA_PANEL, DataRoot, Dataset, Device, IdKey, ImageFolder, ImageKey, Json, Precision,
+                               PrecisionOpt, Split, TextKey, columns, user_errors)
 from eclip.errors import EclipError
 
 LLM_PANEL = "LLM"
@@ -30,6 +30,9 @@ def explain(
     data_root: DataRoot = None,
     split: Split = "train",
     image_folder: ImageFolder = None,
+    image_key: ImageKey = None,
+    text_key: TextKey = None,
+    id_key: IdKey = None,
     texts: Annotated[Optional[Path], typer.Option(
         "--texts", rich_help_panel=DATA_PANEL, show_default=False, help="A UTF-8 text file with one caption per line "
                                                     "(instead of --dataset).")] = None,
@@ -77,7 +80,7 @@ def explain(
         from eclip.explain.prompt import load_template
 
         template = load_template(prompt_template)
-        records = _inputs(dataset, data_root, split, texts, image_folder)
+        records = _inputs(dataset, data_root, split, texts, image_folder, columns(image_key, text_key, id_key))
         backend = _backend(llm, endpoint, api_key_env, concurrency, timeout, retries, batch_size, device,
                            precision, max_new_tokens, seed)
         summary = explain_records(records, backend, output, template, limit=limit, dry_run=dry_run)
@@ -88,7 +91,7 @@ def explain(
         raise typer.Exit(CAPTIONS_FAILED)
 
 
-def _inputs(dataset, data_root, split, texts, image_folder=None):
+def _inputs(dataset, data_root, split, texts, image_folder=None, columns=None):
     if dataset and texts:
         raise EclipError("give --dataset or --texts, not both")
     if texts:
@@ -105,7 +108,7 @@ def _inputs(dataset, data_root, split, texts, image_folder=None):
         return captions
     if dataset:
         from eclip.data.readers import read_dataset
-        return read_dataset(dataset, data_root, split, image_folder=image_folder)
+        return read_dataset(dataset, data_root, split, image_folder=image_folder, columns=columns)
     raise EclipError("nothing to explain: give --dataset NAME_OR_FILE [--split ...] or --texts FILE")
 
 

@@ -9,8 +9,8 @@ import typer
 from typing_extensions import Annotated
 
 from eclip.cli import app
-from eclip.cli.options import (Checkpoint, DataRoot, Dataset, Device, Explanations, ImageFolder, Json, Model,
-                               Precision, Pretrained, model_spec, user_errors)
+from eclip.cli.options import (Checkpoint, DataRoot, Dataset, Device, Explanations, IdKey, ImageFolder, ImageKey, Json,
+                               Model, Precision, Pretrained, TextKey, model_spec, user_errors)
 
 OPT, EXP, RUN = "Optimisation (defaults: METHOD.md)", "EntityCLIP", "Run"
 
@@ -64,6 +64,14 @@ def train(
         "Data", None, "Train without validation: best.safetensors is the last model.", "--no-val")] = None,
     explanations: Explanations = None,
     image_folder: ImageFolder = None,
+    image_key: ImageKey = None,
+    text_key: TextKey = None,
+    id_key: IdKey = None,
+    shuffle_buffer: Annotated[OptInt, _int(
+        "Data", None, "Stream webdataset shards with no record list: a shuffled shard order each epoch, each "
+        "process its own share, pairs mixed through a buffer of N samples (0: each shard in its order). Needs "
+        "--val-dataset or --no-val. Default: read the pairs first and draw a permutation.", "--shuffle-buffer",
+        min=0)] = None,
     model: Model = None,
     pretrained: Pretrained = None,
     checkpoint: Checkpoint = None,
@@ -122,6 +130,8 @@ def train(
             "dataset": dataset, "data_root": str(data_root) if data_root else None, "val_dataset": val_dataset,
             "val_fraction": val_fraction, "no_val": no_val,
             "explanations": str(explanations) if explanations else None, "image_folder": image_folder,
+            "image_key": image_key, "text_key": text_key, "id_key": id_key,
+            "shuffle_buffer": shuffle_buffer,
             "model": spec.model,
             "pretrained": spec.pretrained, "checkpoint": spec.checkpoint, "device": spec.device,
             "precision": spec.precision, "epochs": epochs, "batch_size": batch_size, "lr": lr,
@@ -150,8 +160,12 @@ def default_output(dataset: str) -> Path:
     """runs/n24news for a benchmark, runs/<folder>-<stem> for a file (runs/flags-train): the same name
     in every process of a multi-process launch."""
     path = Path(dataset)
-    if path.suffix.lower() not in (".jsonl", ".csv"):
+    from eclip.data.benchmarks import BENCHMARKS
+    if dataset.lower() in BENCHMARKS:
         return Path("runs") / dataset.lower()
+    if path.suffix.lower() not in (".jsonl", ".csv"):   # shards, parquet: a name without / { } * ...
+        import re
+        return Path("runs") / (re.sub(r"[^A-Za-z0-9._-]+", "-", dataset).strip("-.")[-60:] or "data")
     return Path("runs") / (f"{path.resolve().parent.name}-{path.stem}" if path.resolve().parent.name else path.stem)
 
 

@@ -15,6 +15,7 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from eclip.data.members import MemberError, is_address, read_member
 from eclip.errors import EclipError
 
 DEFAULT_MAX_PIXELS = 89_478_485   # Pillow's own default: a 1/4 GiB RGBA image
@@ -59,12 +60,18 @@ def load_image(path, reduce: tuple[int, int] | None = None) -> Image.Image:
     a half-grey photo is worse training data than none.
     """
     limit = max_image_pixels()
+    source = path
+    if isinstance(path, str) and is_address(path):   # a tar member or a parquet cell (eclip.data.members)
+        try:
+            source = io.BytesIO(read_member(path))
+        except MemberError as e:
+            raise ImageError(path, str(e)) from None
     # Pillow checks its module-wide limit inside Image.open; keep it equal to ours so both agree.
     Image.MAX_IMAGE_PIXELS = limit
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
+            with Image.open(source) as im:
                 pixels = im.width * im.height
                 if pixels > limit:
                     raise ImageError(path, f"decompression bomb ({pixels} pixels)")
@@ -81,7 +88,7 @@ def load_image(path, reduce: tuple[int, int] | None = None) -> Image.Image:
     except PermissionError:
         raise ImageError(path, "unreadable (permission denied)") from None
     except UnidentifiedImageError:
-        empty = _size(path) == 0
+        empty = _size(source) == 0
         raise ImageError(path, "empty file" if empty else "not an image") from None
     except (OSError, ValueError, SyntaxError, EOFError) as e:
         text = str(e)

@@ -27,13 +27,15 @@ def default_data_root(name: str) -> Path:
 
 
 def read_dataset(dataset: str, data_root: Optional[Path] = None, split: str = "train",
-                 explanations: Optional[Path] = None, image_folder: Optional[str] = None) -> list[Record]:
+                 explanations: Optional[Path] = None, image_folder: Optional[str] = None,
+                 columns=None) -> list[Record]:
     """Records of a benchmark split (eclip.data.benchmarks detects the layout on disk), or of a
     .jsonl / .csv file (whose `split` is ignored: one file is one set of pairs).
 
     With `explanations`, an `eclip explain` cache or the EntityCLIP authors' CapDsc_mistral file
     fills each record's explanation (eclip.data.explanations). `image_folder` picks a benchmark's
-    image folder where its layout offers a choice (GoodNews: images or resized).
+    image folder where its layout offers a choice (GoodNews: images or resized). `columns`
+    (eclip.data.shards.Columns) names the image / text / id fields of tables, parquet and shards.
     """
     name = str(dataset).lower()
     key_parts = 1
@@ -42,14 +44,11 @@ def read_dataset(dataset: str, data_root: Optional[Path] = None, split: str = "t
         root = Path(data_root).expanduser() if data_root else default_data_root(name)
         records = read_benchmark(name, root, split, image_folder)
         key_parts = authors_key_parts(name)
-    elif Path(dataset).suffix.lower() in (".jsonl", ".csv"):
-        if image_folder is not None:
-            raise EclipError(f"--image-folder {image_folder}: only for a benchmark; a file's image paths "
-                             "say where its images are")
-        records = read_table(dataset)
+    elif image_folder is not None:
+        raise EclipError(f"--image-folder {image_folder}: only for a benchmark; a file's image paths "
+                         "say where its images are")
     else:
-        raise EclipError(f"--dataset {dataset}: neither a benchmark ({', '.join(BENCHMARKS)}) "
-                         "nor a .jsonl / .csv file")
+        records = read_source(dataset, columns)   # tables, parquet, shards, files folders (eclip.data.sources)
     if explanations is not None:
         from eclip.console import note
         from eclip.data.explanations import attach_explanations
@@ -69,11 +68,39 @@ def dataset_label(dataset, split: Optional[str]) -> tuple[Optional[str], Optiona
 
 # --- the user's own pairs ----------------------------------------------------------------
 
-def read_table(path) -> list[Record]:
+def read_source(dataset, columns=None) -> list[Record]:
+    """Records of a table, parquet, shards or a files folder (eclip.data.sources decides which);
+    samples left out while reading are in the result's `.skipped` where the format has them."""
+    from eclip.data.sources import check_source
+    kind = check_source(dataset)
+    if kind == "table":
+        return read_table(dataset, columns)
+    if kind == "parquet":
+        from eclip.data.parquet import read_parquet
+        return read_parquet(dataset, columns)
+    if kind == "shards":
+        from eclip.data.shards import read_shards
+        return read_shards(dataset, columns)
+    from eclip.data.shards import read_files_folder
+    return read_files_folder(dataset, columns)
+
+
+def announce_skipped(records, dataset):
+    """`records` (a RecordList) after the duplicate-id check, with a note on the samples it left out."""
+    if records.skipped:
+        from eclip.console import note
+        first = records.skipped[0]
+        note(f"{dataset}: left out {len(records.skipped)} sample(s) without a usable image or text; "
+             f"first: {first.shard} {first.key}: {first.reason}")
+    return _checked(records, dataset, len(records))
+
+
+def read_table(path, columns=None) -> list[Record]:
     """A .jsonl or .csv file of pairs: `image` (relative to the file's folder, or absolute),
     `text` (`caption` is accepted too, so `Record.to_dict` lines read back), and optional
     `id` (default: the line number), `explanation` and `entities` (a JSON list; in CSV, a
-    JSON string)."""
+    JSON string). A .tsv file is a CSV with tabs. `columns` (eclip.data.shards.Columns) renames
+    the image, text and id fields (--image-key, --text-key, --id-key)."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise EclipError(f"{path}: dataset file not found")
@@ -81,6 +108,8 @@ def read_table(path) -> list[Record]:
     records = []
     for line, row in (_jsonl_rows(path) if path.suffix.lower() == ".jsonl" else _csv_rows(path)):
         where = f"{path} line {line}"
+        if columns is not None:
+            row = _renamed(row, columns)
         image, text = row.get("image"), row.get("text", row.get("caption"))
         for field, value in (("image", image), ("text", text)):
             if value is not None and not isinstance(value, str):
@@ -99,6 +128,17 @@ def read_table(path) -> list[Record]:
         records.append(Record(str(line) if rid in (None, "") else str(rid), str(image_path), text,
                               explanation, _entities(row.get("entities"), where)))
     return _checked(records, path, len(records))
+
+
+def _renamed(row: dict, columns) -> dict:
+    """`row` with the user's --image-key / --text-key / --id-key fields under eclip's own names."""
+    out = dict(row)
+    for given, ours in ((columns.image_key, "image"), (columns.text_key, "text"), (columns.id_key, "id")):
+        if given:
+            out[ours] = row.get(given)
+            if ours == "text":
+                out.pop("caption", None)
+    return out
 
 
 def read_utf8(path) -> str:
@@ -136,7 +176,8 @@ def _jsonl_rows(path):
 
 def _csv_rows(path):
     # strict: an unterminated quote is an error, not a field that swallows the rest of the file
-    reader = csv.DictReader(io.StringIO(read_utf8(path), newline=""), strict=True)
+    reader = csv.DictReader(io.StringIO(read_utf8(path), newline=""), strict=True,
+                            delimiter="\t" if Path(path).suffix.lower() == ".tsv" else ",")
     while True:
         start = reader.reader.line_num + 1   # where the next record begins
         try:

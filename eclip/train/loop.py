@@ -86,7 +86,8 @@ class Trainer:
         self.train_records, self.val_records = splits or read_splits(cfg)
         self.cfg = cfg
         # EntityCLIP never trains on captions-as-explanations unannounced (plain CLIP reads no explanation)
-        self.fallback = sum(1 for r in self.train_records if not r.explanation) if model.experts is not None else None
+        self.fallback = sum(1 for r in self.train_records if not r.explanation) \
+            if model.experts is not None and not hasattr(self.train_records, "group_ids") else None   # streamed: unknown
         self.facts = {"train_pairs": len(self.train_records), "captions_as_explanations": self.fallback}
         if self.fallback:
             announce(f"EntityCLIP: {self.fallback} of {len(self.train_records)} training pairs have no explanation; "
@@ -103,18 +104,25 @@ class Trainer:
         self.ids = group_ids(self.train_records).to(acc.device)
         self.val_ids = group_ids(self.val_records)
         loader = pair_loader(self.train_records, model, cfg.batch_size, cfg.workers, seed=cfg.seed,
-                             augment=cfg.augment)
+                             augment=cfg.augment, shuffle_buffer=cfg.shuffle_buffer)
         self.batches_per_epoch = len(loader)
         self.total_steps = cfg.epochs * math.ceil(self.batches_per_epoch / cfg.grad_accum)
         optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, acc.device.type)
         scheduler = cosine_schedule(optimizer, self.total_steps, cfg.warmup_steps)
         self.val_set = PairDataset(self.val_records, model.preprocess, model.tokenizer)
-        self.model, self.optimizer, self.loader, self.scheduler = acc.prepare(model, optimizer, loader, scheduler)
+        if getattr(loader, "per_process", False):   # streamed shards: each process reads its own share
+            self.model, self.optimizer, self.scheduler = acc.prepare(model, optimizer, scheduler)
+            self.loader = loader
+        else:
+            self.model, self.optimizer, self.loader, self.scheduler = acc.prepare(model, optimizer, loader, scheduler)
         self.core = acc.unwrap_model(self.model)
 
         latest = self._restore(resume)
         self.rec = Recorder(self.run.path, self.main, cfg.tensorboard, self.t["step"], self.total_steps)
         self.skiplog = SkipLog(self.run / "skipped.jsonl") if self.main else None
+        if self.skiplog is not None and not latest:   # samples without an image or text (shards, parquet)
+            for s in getattr(self.train_records, "skipped", []):
+                self.skiplog.write(**s.to_log())
         self.start = time.perf_counter() - self.t["elapsed_s"]
         self._reset_window(self.t.get("window"))   # a resume inside a logging window continues that window
         where = f"from step {self.t['step']}" if latest else "from the start"
