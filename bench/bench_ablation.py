@@ -18,6 +18,9 @@ validation rsum (what `eclip train` saves as best.safetensors); and per seed, th
 the last checkpoint: how many named photographs rank their true caption first, on the test views
 and on the val views (so a photograph missed on test can be told from a pattern validation shows).
 
+The demo's two rows per seed go to examples/ablation-spread.json (examples/seed_spread.py), which the
+demo reads to say whether its own run's gap lies inside the seed spread.
+
 Results are appended to OUTPUT/results.jsonl as each run finishes; a re-run skips what is there
 (and resumes a run that was killed half-way).
 """
@@ -49,6 +52,7 @@ ROWS = {   # name -> what differs from the demo's EntityCLIP run (None: not trai
 
 def main(argv=None) -> int:
     import demo   # examples/demo.py: the settings this table explains
+    from seed_spread import SPREAD_FILE, write_spread
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--output", default="bench-out/ablation", help="folder for data, runs and results")
@@ -118,6 +122,9 @@ def main(argv=None) -> int:
                f"{torch.__version__}, {args.jobs} runs at once with one torch thread each; load average "
                f"{load_before[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end")
     print(table(rows, seeds, settings, machine, time.perf_counter() - started, args.quick))
+    # the demo's two rows per seed, which examples/demo.py prints its own run beside (--quick: kept in OUTPUT)
+    spread = write_spread(out / SPREAD_FILE.name if args.quick else SPREAD_FILE, rows, settings, seeds, machine)
+    print(f"seed spread for the demo: {'written' if spread else 'not written (rows missing)'}", file=sys.stderr)
     return 0
 
 

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))          # seed_spread.py beside this file, however this file is run
 SHIPPED = HERE / "explanations" / "smollm2-135m-train.jsonl"   # see examples/explanations/README.md
 MODEL_CFG = HERE / "tiny-vit.json"
 MAX_NEW_TOKENS = 32          # as the shipped cache was written (the model reads 32 tokens anyway)
@@ -67,6 +68,7 @@ def main(argv=None) -> int:
     from eclip.data.readers import read_dataset
     from eclip.evaluate import evaluate
     from eclip.model.factory import load_model
+    from seed_spread import read_spread, spread_lines
     # One thread here as in the training processes: on a shared machine, OpenMP threads that
     # spin-wait for each other made a training step 20x slower (measured).
     torch.set_num_threads(1)
@@ -118,6 +120,8 @@ def main(argv=None) -> int:
     stdout.print(match_table)
     stdout.print(ranks_table)
     stdout.print(table)
+    for line in spread_lines({n: results[n]["text_to_image"]["R@1"] for n in MODELS}, read_spread(p)):
+        stdout.print(line)
     live = explained["live"]
     stdout.print(f"explanations: {live['generated'] + live['cached']} by the embedded LLM in this run "
                  f"({explained['identical']} of {explained['compared']} identical to the shipped cache); training "
