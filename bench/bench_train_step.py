@@ -185,7 +185,8 @@ def print_locked(args, results: dict) -> None:
         r = results[v]
         print(f"{v:13s} {r['median_s']:8.3f} s   cpu {r['cpu_s']:8.3f} s   peak {r['peak_mb']:7.0f} MB")
     ratio, cpu = base["median_s"] / cached["median_s"], base["cpu_s"] / cached["cpu_s"]
-    print(f"tower cache speed-up: {ratio:.2f}x wall, {cpu:.2f}x CPU time (goal >= 3x: {'met' if ratio >= 3 else 'NOT met'})")
+    print(f"tower cache speed-up: {ratio:.2f}x wall, {cpu:.2f}x CPU time "
+          f"(goal >= 3x: {'met' if ratio >= 3 else 'NOT met'})")
 
 
 if __name__ == "__main__":

@@ -65,7 +65,8 @@ def spread_lines(run_t2i: dict, spread: dict | None) -> list[str]:
     gaps, m, sd, low, high = gap_band(spread)
     inside = low <= gap <= high
     rows = "; ".join(f"{name} {mean_sd(v)[0]:.1f} ± {mean_sd(v)[1]:.1f}" for name, v in r.items())
-    return [f"One run (seed 42) on one machine. The ablation (seeds {seeds}; bench/bench_ablation.py): {rows} test T→I R@1.",
+    return [f"One run (seed 42) on one machine. The ablation (seeds {seeds}; bench/bench_ablation.py): "
+            f"{rows} test T→I R@1.",
             f"{a} - --no-experts in this run: {gap:+.1f} points, "
             f"{'INSIDE' if inside else 'OUTSIDE'} the ablation's seed spread (its per-seed gaps "
             f"{', '.join(f'{g:+.1f}' for g in gaps)}: mean {m:+.1f} ± 2 × {sd:.1f} = {low:+.1f} to {high:+.1f}).",

@@ -23,10 +23,11 @@ def run(flags, out, *extra) -> dict:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        invoke([*train_args(flags, out, *extra), "--no-val"])
+        invoke(train_args(flags, out, *extra))
     finally:
         torch.set_num_threads(threads)
-    return {"log": [{k: line[k] for k in LOSSES if k in line} for line in log_lines(out) if line.get("kind") == "train"],
+    return {"log": [{k: line[k] for k in (*LOSSES, "val_loss", "rsum") if k in line} for line in log_lines(out)
+                    if line.get("kind") in ("train", "val")],
             "weights": load_file(str(out / "last.safetensors"))}
 
 
@@ -50,7 +51,7 @@ def test_locked_minilm_text_tower_trains_the_same_cached_or_not(flags, tmp_path,
 
 @pytest.mark.slow
 def test_both_towers_locked_open_clip_text_and_unaugmented_images_through_the_disk_cache(flags, tmp_path):
-    extra = ["--lock-text", "--lock-image"]
+    extra = ["--lock-text", "--lock-image", "--no-val"]
     plain = run(flags, tmp_path / "plain", *extra, "--tower-cache-mb", "0")
     cached = run(flags, tmp_path / "cached", *extra, "--tower-cache-disk")
     assert_same(plain, cached)

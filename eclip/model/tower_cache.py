@@ -123,6 +123,10 @@ class RowCache:
         return self.folder / f"{hashlib.blake2b(key, digest_size=16).hexdigest()}.safetensors" if self.folder else None
 
 
+def _token_keys(tokens: torch.Tensor) -> list[bytes]:
+    return [row.tobytes() for row in tokens.detach().cpu().numpy()]
+
+
 def _stack(rows: list[tuple]) -> list[torch.Tensor]:
     return [torch.stack(parts) for parts in zip(*rows)]
 
@@ -160,7 +164,12 @@ class CachedTowers(Towers):
         return clip.encode_image(images) if self.image is None else self.image_tokens(clip, images)[1]
 
     def encode_text(self, clip, tokens):
-        return clip.encode_text(tokens) if self.text is None else self.text_tokens(clip, tokens)[1]
+        if self.text is None:
+            return clip.encode_text(tokens)
+        tower = _text_tower(clip)
+        if isinstance(tower, HFTextEncoder):     # the pooled state alone through the projection
+            return tower.proj(torch.stack([row[1] for row in self._hf_rows(tower, tokens)]))
+        return self.text_tokens(clip, tokens)[1]
 
     def image_tokens(self, clip, images):
         if self.image is None:
@@ -173,13 +182,14 @@ class CachedTowers(Towers):
     def text_tokens(self, clip, tokens):
         if self.text is None:
             return text_tokens(clip, tokens)
-        keys = [row.tobytes() for row in tokens.detach().cpu().numpy()]
         tower = _text_tower(clip)
         if isinstance(tower, HFTextEncoder):     # the frozen transformer once; the projection every step
-            rows = self.text.get_rows(keys, lambda idx: hf_text_trunk(tower, tokens[idx]))
-            return hf_text_head(tower, *_stack(rows))
-        rows = self.text.get_rows(keys, lambda idx: text_tokens(clip, tokens[idx]))
+            return hf_text_head(tower, *_stack(self._hf_rows(tower, tokens)))
+        rows = self.text.get_rows(_token_keys(tokens), lambda idx: text_tokens(clip, tokens[idx]))
         return tuple(_stack(rows))
+
+    def _hf_rows(self, tower, tokens):
+        return self.text.get_rows(_token_keys(tokens), lambda idx: hf_text_trunk(tower, tokens[idx]))
 
 
 def training_towers(clip, max_mb: float, folder: Path | None = None, augmented: bool = False) -> Towers:
