@@ -65,7 +65,8 @@ def test_the_line_under_the_table_says_whether_this_runs_gap_is_inside_the_seed_
     spread_module = runpy.run_path(str(DEMO.parent / "seed_spread.py"))
     settings = {"views": 8, "epochs": 60}
     rows = [{"row": row, "seed": seed, "t2i_r1": r1} for row, values in
-            (("EntityCLIP (a) LLM explanations", (70.0, 58.6, 67.5)), ("CLIP fine-tuned (--no-experts)", (62.1, 41.9, 74.4)))
+            (("EntityCLIP (a) LLM explanations", (70.0, 58.6, 67.5)),
+             ("CLIP fine-tuned (--no-experts)", (62.1, 41.9, 74.4)))
             for seed, r1 in zip((42, 43, 44), values)]
     path = tmp_path / "spread.json"
     assert spread_module["write_spread"](path, rows[:-1], settings, [42, 43, 44], "m") is None   # a seed missing
@@ -85,8 +86,22 @@ def test_the_line_under_the_table_says_whether_this_runs_gap_is_inside_the_seed_
     assert "no seed spread" in lines({"EntityCLIP": 1.0, "CLIP fine-tuned (--no-experts)": 2.0}, None)[0]
 
 
-def test_the_shipped_seed_spread_is_for_the_demos_own_settings():
-    """examples/ablation-spread.json must match the demo's FULL settings, or the demo prints no spread."""
+def test_free_form_queries_name_every_test_entity_once_in_words_no_caption_uses(tmp_path):
+    """examples/free-form-queries.jsonl: one query per entity of the demo set, none equal to any caption
+    of any split; free_form_split puts them in place of the test captions, keeping images and ids."""
+    from eclip.data.demo_set import flag_entities, photo_entities
     demo = runpy.run_path(str(DEMO))
-    spread = runpy.run_path(str(DEMO.parent / "seed_spread.py"))["read_spread"](demo["FULL"])
-    assert spread is not None and len(spread["seeds"]) >= 3
+    queries = [json.loads(line) for line in demo["QUERIES"].read_text().splitlines()]
+    entities = flag_entities() + photo_entities(include_optional=False)
+    assert sorted(q["entity"] for q in queries) == sorted(e.slug for e in entities)
+    captions = {c.lower() for e in entities for phrasings in e.captions.values() for c in phrasings}
+    assert not [q["query"] for q in queries if q["query"].lower() in captions]
+    assert {"entity": "flag-japan", "query": "Japan flag waving"} in queries
+
+    test = tmp_path / "test.jsonl"
+    test.write_text(json.dumps({"id": "flag-japan-5", "image": "images/flag-japan/5.jpg", "text": "A photo of the flag "
+                                "of Japan", "entities": [{"text": "Japan", "type": "GPE"}]}) + "\n")
+    made = demo["free_form_split"](test, demo["QUERIES"])
+    record = json.loads(made.read_text())
+    assert record["text"] == "Japan flag waving" and record["image"] == "images/flag-japan/5.jpg"
+    assert made.parent == test.parent                      # image paths stay relative to the same folder
