@@ -127,7 +127,8 @@ def main(argv=None) -> int:
     machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
                f"{torch.__version__}, {args.jobs} runs at once with one torch thread each; load average "
                f"{load_before[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end")
-    print(table(rows, seeds, settings, machine, time.perf_counter() - started, args.quick))
+    flags = "".join(f" --{name}" for name in ("minilm", "demo-rows") if getattr(args, name.replace("-", "_")))
+    print(table(rows, seeds, settings, machine, time.perf_counter() - started, args.quick, flags))
     # the demo's two rows per seed, which examples/demo.py prints its own run beside (--quick: kept in OUTPUT)
     spread = write_spread(out / SPREAD_FILE.name if args.quick else SPREAD_FILE, rows, settings, seeds, machine)
     print(f"seed spread for the demo: {'written' if spread else 'not written (rows missing)'}", file=sys.stderr)
@@ -175,7 +176,7 @@ def _metrics(result: dict) -> dict:
             "rsum": result["rsum"], "n_images": result["n_images"]}
 
 
-def table(rows: list, seeds: list, settings: dict, machine: str, seconds: float, quick: bool) -> str:
+def table(rows: list, seeds: list, settings: dict, machine: str, seconds: float, quick: bool, flags: str = "") -> str:
     """The markdown table for the README."""
     n = rows[0]["n_images"] if rows else 0
     lines = [f"Test split of the demo set: {n} images and captions (chance R@1 = {100 / max(n, 1):.1f}%). "
@@ -201,7 +202,7 @@ def table(rows: list, seeds: list, settings: dict, machine: str, seconds: float,
         photos += f" of {mine[0]['n_photos']}" if photos else ""
         lines.append(f"| {name} | {' | '.join(cells)} | {per_seed} | {photos} | "
                      f"{_mean_sd([r['best_t2i_r1'] for r in mine])} |")
-    command = "python bench/bench_ablation.py" + (" --quick" if quick else "")
+    command = "python bench/bench_ablation.py" + (" --quick" if quick else "") + flags
     lines += ["", f"`{command}`: {seconds / 60:.0f} min on {machine}."]
     return "\n".join(lines)
 
