@@ -17,6 +17,13 @@ wall time x threads on an idle machine). Peak memory is
 the CUDA peak on a GPU, else the peak resident set size of the child (ru_maxrss) and its rise
 above the resting size before the first step.
 
+With --lock-text (issue 29: a locked tower runs once per distinct input) it compares two EntityCLIP
+steps with the text tower locked instead, on the same batch every step (as every caption recurs
+every epoch): without the tower cache (the text tower runs every step) and with it, warm after the
+warm-up step (eclip/model/tower_cache.py). Goal: the cached step at least 3x faster.
+
+  python bench/bench_train_step.py --lock-text --model examples/minilm-vit.json --threads 1
+
 Run: python bench/bench_train_step.py [--model ViT-B-32] [--batch 16] [--steps 3] [--device cpu]
      python bench/bench_train_step.py --profile        # also where an EntityCLIP step spends its time
 """
@@ -29,6 +36,7 @@ import sys
 import time
 
 VARIANTS = ("plain", "plain+expl", "entityclip")
+LOCKED = ("locked", "locked+cache")     # --lock-text: EntityCLIP steps, the text tower locked
 
 
 def child(args) -> dict:
@@ -46,8 +54,13 @@ def child(args) -> dict:
     acc = make_accelerator(TrainConfig(output="-", device=args.device, batch_size=args.batch,
                                        precision=args.precision))
     torch.manual_seed(0)
-    experts = ExpertConfig(enabled=args.child == "entityclip")
+    experts = ExpertConfig(enabled=args.child in ("entityclip", *LOCKED))
     model = load_model(model=args.model, pretrained="none", device="cpu", experts=experts)
+    if args.child in LOCKED:
+        from eclip.model.tower_cache import training_towers
+        model.clip.lock_text_tower()
+        model.towers = training_towers(model.clip, 1024 if args.child == "locked+cache" else 0)
+    model.train()
     size = model.config.preprocess["size"]
     size = size if isinstance(size, int) else size[0]
     captions = [f"Crowds greet the president of country {i} at the summit in its capital city" for i in
@@ -122,21 +135,25 @@ def main():
     ap.add_argument("--precision", default="fp32")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--profile", action="store_true")
-    ap.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
+    ap.add_argument("--lock-text", action="store_true",
+                    help="compare a locked-text EntityCLIP step without and with the tower cache")
+    ap.add_argument("--child", choices=VARIANTS + LOCKED, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         print(json.dumps(child(args)))
         return
     env = {**os.environ, "ECLIP_QUIET": "1", "HF_HUB_OFFLINE": "1"}
     results = {}
-    for variant in VARIANTS:
+    for variant in LOCKED if args.lock_text else VARIANTS:
         argv = [sys.executable, __file__, "--child", variant] + [
             x for k, v in vars(args).items() if k != "child" and v not in (None, False)
-            for x in ([f"--{k}"] if v is True else [f"--{k}", str(v)])]
+            for x in ([f"--{k.replace('_', '-')}"] if v is True else [f"--{k.replace('_', '-')}", str(v)])]
         proc = subprocess.run(argv, capture_output=True, text=True, env=env)
         if proc.returncode:
             sys.exit(f"{variant} failed:\n{proc.stderr[-3000:]}")
         results[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
+    if args.lock_text:
+        return print_locked(args, results)
     base = results["plain"]
     print(f"model {args.model} (random weights, {base['parameters_m']:.1f}M parameters with experts off), "
           f"batch {args.batch}, {args.precision}, {base['device']}, {base['threads']} threads; "
@@ -157,6 +174,19 @@ def main():
           f"CPU time (goal <= 1.5x: {'met' if ratio <= 1.5 else 'NOT met'})")
     if "profile" in results["entityclip"]:
         print(results["entityclip"]["profile"])
+
+
+def print_locked(args, results: dict) -> None:
+    base, cached = results["locked"], results["locked+cache"]
+    print(f"model {args.model} (random weights), EntityCLIP with --lock-text, batch {args.batch}, {args.precision}, "
+          f"{base['device']}, {base['threads']} threads; median of {args.steps} steps after {args.warmup} warm-up "
+          f"(the cache is warm after it)")
+    for v in LOCKED:
+        r = results[v]
+        print(f"{v:13s} {r['median_s']:8.3f} s   cpu {r['cpu_s']:8.3f} s   peak {r['peak_mb']:7.0f} MB")
+    ratio, cpu = base["median_s"] / cached["median_s"], base["cpu_s"] / cached["cpu_s"]
+    print(f"tower cache speed-up: {ratio:.2f}x wall, {cpu:.2f}x CPU time "
+          f"(goal >= 3x: {'met' if ratio >= 3 else 'NOT met'})")
 
 
 if __name__ == "__main__":

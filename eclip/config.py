@@ -195,6 +195,8 @@ class TrainConfig:
     seed: int = 42
     lock_image: bool = False
     lock_text: bool = False
+    tower_cache_mb: float = 1024          # a fully locked tower's outputs, kept per distinct input (0: off)
+    tower_cache_disk: bool = False        # also keep them in RUN_DIR/tower-cache/ (survives a resume)
     eta: Optional[float] = None           # None: LossConfig's default (or the checkpoint's)
     lam: Optional[float] = None
     vision_experts: Optional[int] = None  # None: ExpertConfig's default (or the checkpoint's)

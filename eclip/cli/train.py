@@ -91,6 +91,12 @@ def train(
     seed: Annotated[OptInt, _int(OPT, "42")] = None,
     lock_image: Annotated[OptBool, _opt(OPT, None, "Freeze the image tower.", "--lock-image")] = None,
     lock_text: Annotated[OptBool, _opt(OPT, None, "Freeze the text tower.", "--lock-text")] = None,
+    tower_cache_mb: Annotated[OptFloat, _float(
+        OPT, "1024", "Memory for a locked tower's outputs, computed once per distinct caption (and image, "
+        "without --augment) instead of every step; 0: off.", min=0.0)] = None,
+    tower_cache_disk: Annotated[OptBool, _opt(
+        OPT, None, "Also keep the locked tower's outputs in RUN_DIR/tower-cache/ (read back on --resume).",
+        "--tower-cache-disk")] = None,
     eta: Annotated[OptFloat, _float(EXP, "0.1", "Weight of the GI-ITM matching loss.", min=0.0)] = None,
     lam: Annotated[OptFloat, _float(EXP, "0.1", "Weight of VTC on the experts' V*, T*.", "--lambda",
                                   min=0.0)] = None,
@@ -136,7 +142,8 @@ def train(
             "pretrained": spec.pretrained, "checkpoint": spec.checkpoint, "device": spec.device,
             "precision": spec.precision, "epochs": epochs, "batch_size": batch_size, "lr": lr,
             "weight_decay": weight_decay, "warmup_steps": warmup_steps, "grad_accum": grad_accum, "seed": seed,
-            "lock_image": lock_image, "lock_text": lock_text, "eta": eta, "lam": lam,
+            "lock_image": lock_image, "lock_text": lock_text, "tower_cache_mb": tower_cache_mb,
+            "tower_cache_disk": tower_cache_disk, "eta": eta, "lam": lam,
             "vision_experts": vision_experts, "text_experts": text_experts, "shared_experts": shared_experts,
             "no_experts": no_experts, "augment": AUGMENT if augment else None, "select_by": select_by,
             "workers": workers, "eval_every": eval_every, "save_every": save_every,

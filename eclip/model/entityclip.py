@@ -8,10 +8,11 @@ from torch import nn
 
 from eclip.config import EntityCLIPConfig
 from eclip.console import note
-from eclip.model.backbone import image_tokens, single_token_towers, text_tokens
+from eclip.model.backbone import single_token_towers
 from eclip.model.experts import MultimodalExperts
 from eclip.model.itm import MatchingHead, hard_negative_indices
 from eclip.model.loss import gather, shared_uniforms, vtc_loss, world
+from eclip.model.tower_cache import Towers, keep_locked_in_eval
 
 
 class EntityCLIP(nn.Module):
@@ -28,6 +29,7 @@ class EntityCLIP(nn.Module):
         n_pair = cfg.n_vision + cfg.n_text + 2 * cfg.n_shared
         self.itm = MatchingHead(width, n_pair) if cfg.enabled else None
         self.token_note_given = False    # the single-token note is said once (training start or first forward)
+        self.towers = Towers()           # training's tower calls; CachedTowers when a tower is locked (tower_cache)
 
     # ---- inference: plain CLIP ----
     @property
@@ -60,6 +62,12 @@ class EntityCLIP(nn.Module):
         return {**self.source, "preprocess": self.config.preprocess}
 
     # ---- training ----
+    def train(self, mode: bool = True):
+        """As nn.Module.train, but a fully locked tower stays in eval mode (no dropout), as in LiT."""
+        super().train(mode)
+        keep_locked_in_eval(self.clip)
+        return self
+
     def token_note(self) -> str | None:
         """One line when a tower gives the experts a single token (ModifiedResNet, timm); else None."""
         towers = single_token_towers(self.clip) if self.experts is not None else []
@@ -82,10 +90,11 @@ class EntityCLIP(nn.Module):
         b = images.shape[0]
         scale = self.logit_scale
         if self.experts is None:       # plain CLIP fine-tuning: explanations are not needed
-            vtc = vtc_loss(self.encode_images(images), self.encode_texts(captions), scale)
+            vtc = vtc_loss(F.normalize(self.towers.encode_image(self.clip, images), dim=-1),
+                           F.normalize(self.towers.encode_text(self.clip, captions), dim=-1), scale)
             return {"loss": vtc, "vtc": vtc.detach()}
-        v_tok, v_cls = image_tokens(self.clip, images)                       # [b,1+P,D], [b,D]
-        t_all, t_pool, _, pad_all = text_tokens(self.clip, torch.cat([captions, explanations]))
+        v_tok, v_cls = self.towers.image_tokens(self.clip, images)           # [b,1+P,D], [b,D]
+        t_all, t_pool, _, pad_all = self.towers.text_tokens(self.clip, torch.cat([captions, explanations]))
         t_tok, e_tok, t_cls = t_all[:b], t_all[b:], t_pool[:b]                # [b,L,D] x2, [b,D]
         t_pad, e_pad = pad_all[:b], pad_all[b:]
         vtc = vtc_loss(F.normalize(v_cls, dim=-1), F.normalize(t_cls, dim=-1), scale)

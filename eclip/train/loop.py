@@ -74,6 +74,7 @@ class Trainer:
         from accelerate.utils import set_seed
 
         from eclip.data.dataset import PairDataset, SkipLog
+        from eclip.model.tower_cache import training_towers
         from eclip.train.inputs import read_splits, resolve_validation, validation_line
         from eclip.train.setup import build_model, cosine_schedule, group_ids, make_optimizer, pair_loader
         acc = self.acc
@@ -83,6 +84,8 @@ class Trainer:
         announce(validation_line(cfg), self.main)   # the run's first line
         set_seed(cfg.seed)
         model = build_model(cfg)
+        model.towers = training_towers(model.clip, cfg.tower_cache_mb, augmented=bool(cfg.augment),
+                                       folder=self.run / "tower-cache" if cfg.tower_cache_disk else None)
         self.train_records, self.val_records = splits or read_splits(cfg)
         self.cfg = cfg
         # EntityCLIP never trains on captions-as-explanations unannounced (plain CLIP reads no explanation)
