@@ -72,8 +72,8 @@ def dataset_label(dataset, split: Optional[str]) -> tuple[Optional[str], Optiona
 def read_table(path) -> list[Record]:
     """A .jsonl or .csv file of pairs: `image` (relative to the file's folder, or absolute),
     `text` (`caption` is accepted too, so `Record.to_dict` lines read back), and optional
-    `id` (default: the line number), `explanation` and `entities` (a JSON list; in CSV, a
-    JSON string)."""
+    `id` (default: the line number), `explanation`, `entities` (a JSON list; in CSV, a
+    JSON string) and `label` (a class, for `evaluate --task classify`)."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise EclipError(f"{path}: dataset file not found")
@@ -96,8 +96,12 @@ def read_table(path) -> list[Record]:
         rid = row.get("id")
         if isinstance(rid, bool) or not isinstance(rid, (str, int, float, type(None))):
             raise EclipError(f"{where}: 'id' must be a string or a number (got {type(rid).__name__})")
+        label = row.get("label")
+        if isinstance(label, bool) or not isinstance(label, (str, int, type(None))):
+            raise EclipError(f"{where}: 'label' must be a string or a whole number (got {type(label).__name__})")
         records.append(Record(str(line) if rid in (None, "") else str(rid), str(image_path), text,
-                              explanation, _entities(row.get("entities"), where)))
+                              explanation, _entities(row.get("entities"), where),
+                              None if label is None or str(label).strip() == "" else str(label).strip()))
     return _checked(records, path, len(records))
 
 
