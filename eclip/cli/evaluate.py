@@ -88,9 +88,10 @@ def evaluate(
         "--val-split", rich_help_panel=CLASSIFY_PANEL, help="Linear probe: the split C is chosen on.")] = "val",
     report: Annotated[Optional[Path], typer.Option(
         "--report", rich_help_panel=OUTPUT_PANEL, metavar="DIR", show_default=False,
-        help="Write a self-contained HTML report to DIR (a new or empty folder): the metrics, the recall@K "
-             "curve and the worst and best queries with thumbnails (retrieval), or the confusion matrix "
-             "and the most confused classes with examples (classify).")] = None,
+        help="Write a self-contained HTML report to DIR (a new or empty folder; open DIR/index.html): the "
+             "metrics, the recall@K curve and the worst and best queries with their top 5 as thumbnails "
+             "(retrieval; R@5 is added when --recall-k stops below 5), or the confusion matrix and the most "
+             "confused classes with examples (classify).")] = None,
     plot: Annotated[Optional[Path], typer.Option(
         "--plot", rich_help_panel=OUTPUT_PANEL, metavar="FILE.png", show_default=False,
         help="Classify: write the confusion matrix (rows normalised) as a PNG.")] = None,
@@ -139,18 +140,32 @@ def evaluate(
                 from eclip.report.plots import confusion_png
                 confusion_png(result, plot)
         else:
+            import tempfile
+
             from eclip.evaluate import evaluate as run
-            if report is not None and dump_ranks is None:
-                dump_ranks = Path(report) / "ranks.jsonl"        # the report reads each query's top results
-            result = run(spec, one_dataset, data_root, one_split or "test", recall_k=ks, batch_size=batch_size,
-                         dump_ranks=dump_ranks, image_folder=image_folder, same_image=same_image,
-                         records=records[cells[0]], features_dir=embeddings)
-        if report is not None:
-            from eclip.report import write_report
-            page = write_report(report, result, ranks_file=dump_ranks)
-            from eclip.console import note
-            note(f"report: {page}")
+            scratch = tempfile.TemporaryDirectory(prefix="eclip-report-") if report is not None else None
+            if scratch is not None:       # the report reads each query's rank and top results from the dump
+                dump_ranks = dump_ranks or Path(scratch.name) / "ranks.jsonl"
+                from eclip.report import TOP
+                ks = ks if max(ks) >= TOP else tuple(sorted({*ks, TOP}))
+            try:
+                result = run(spec, one_dataset, data_root, one_split or "test", recall_k=ks, batch_size=batch_size,
+                             dump_ranks=dump_ranks, image_folder=image_folder, same_image=same_image,
+                             records=records[cells[0]], features_dir=embeddings)
+                if report is not None:
+                    _write_report(report, result, dump_ranks, records[cells[0]])
+            finally:
+                if scratch is not None:
+                    scratch.cleanup()
+        if report is not None and task == "classify":
+            _write_report(report, result, None, records[cells[0]])
         _show_one(result, output, json_output)
+
+
+def _write_report(folder, result, ranks_file, records):
+    from eclip.console import note
+    from eclip.report import write_report
+    note(f"report: {write_report(folder, result, ranks_file=ranks_file, records=records)}")
 
 
 def _classify_options(mode, inputs, templates, classes, train_split, val_split, seed, batch_size):

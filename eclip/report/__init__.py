@@ -14,3 +14,103 @@ def check_report_dir(folder) -> Path:
     if folder.is_dir() and any(folder.iterdir()):
         raise EclipError(f"--report {folder}: the folder exists and is not empty; give a new or empty folder")
     return folder
+
+
+WORST = 20          # failed queries shown, worst first (per direction: captions; half as many images)
+SUCCESSES = 20      # rank-1 queries on the successes page
+TOP = 5             # results shown per query
+THUMB_PX = 160      # thumbnails: longest side, made once per image
+
+
+def write_report(folder, result: dict, *, ranks_file=None, records=None, worst: int = WORST,
+                 successes: int = SUCCESSES) -> Path:
+    """Write the report of one evaluation (`eclip.evaluate.evaluate` or `eclip.classify.classify`
+    result) into `folder` (new or empty), whole or not at all; -> its index.html.
+
+    Retrieval reads each query's rank and top results from `ranks_file` (`--dump-ranks` lines; the
+    file is kept in the report as ranks.jsonl); `records` (the evaluated records) give the captions
+    shown. Thumbnails go to thumbs/, one per image, shared by every page."""
+    import os
+    import shutil
+    import tempfile
+    folder = check_report_dir(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        if result.get("task") == "classify":
+            from eclip.report.classify_page import write_classify_pages
+            write_classify_pages(tmp, result)
+        else:
+            from eclip.report.retrieval_page import write_retrieval_pages
+            if ranks_file is not None:
+                shutil.copyfile(ranks_file, tmp / "ranks.jsonl")
+            write_retrieval_pages(tmp, result, tmp / "ranks.jsonl" if ranks_file is not None else None,
+                                  records or [], worst, successes)
+        if folder.is_dir():
+            folder.rmdir()                      # empty: check_report_dir said so
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder / "index.html"
+
+
+class Thumbnails:
+    """thumbs/<hash>.jpg for an image path, made once; None for a file that cannot be read."""
+
+    def __init__(self, folder: Path, size: int = THUMB_PX):
+        self.folder, self.size, self.made = Path(folder) / "thumbs", size, {}
+
+    def __call__(self, path: str):
+        if path not in self.made:
+            self.made[path] = self._make(path)
+        return self.made[path]
+
+    def _make(self, path: str):
+        import hashlib
+
+        from PIL import Image
+        name = hashlib.sha256(str(path).encode("utf-8")).hexdigest()[:20] + ".jpg"
+        try:
+            with Image.open(path) as image:
+                image = image.convert("RGB")
+                image.thumbnail((self.size, self.size))
+                self.folder.mkdir(parents=True, exist_ok=True)
+                image.save(self.folder / name, quality=82)
+        except (OSError, ValueError):
+            return None
+        return f"thumbs/{name}"
+
+
+def page(title: str, subtitle: str, nav: list, body: str) -> str:
+    """The report's HTML frame (page.html) around `body`; nav: [(href, text)]."""
+    from html import escape
+    from importlib.resources import files
+    from string import Template
+
+    from eclip import __version__
+    frame = Template((files("eclip.report") / "page.html").read_text(encoding="utf-8"))
+    return frame.substitute(title=escape(title), subtitle=f"<p>{escape(subtitle)}</p>" if subtitle else "",
+                            nav=" ".join(f'<a href="{escape(h)}">{escape(t)}</a>' for h, t in nav),
+                            body=body, version=escape(__version__))
+
+
+def table(header: list, rows: list, css: str = "metrics") -> str:
+    """An HTML table of already formatted cells (escaped here)."""
+    from html import escape
+    head = "".join(f"<th>{escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f'<table class="{css}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def figure(src, caption_html: str, true: bool = False) -> str:
+    """One thumbnail with a caption below; a green frame when it is the true item."""
+    from html import escape
+    img = f'<img src="{escape(src)}" alt="">' if src else '<div class="missing">unreadable</div>'
+    return f'<figure class="{"true" if true else ""}">{img}<figcaption>{caption_html}</figcaption></figure>'
+
+
+def model_line(result: dict) -> str:
+    what = result.get("checkpoint") or result.get("model") or "model"
+    where = result.get("dataset") or "data"
+    return f"{what} on {where}" + (f" / {result['split']}" if result.get("split") else "")
