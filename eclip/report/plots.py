@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+MAX_NAMED = 40          # above this many classes the axes show indices, not names (the JSON has them)
+
 
 def _pyplot():
     import matplotlib
@@ -24,11 +26,12 @@ def confusion_png(result: dict, path) -> Path:
     rows = counts.sum(1, keepdims=True)
     share = np.divide(counts, rows, out=np.zeros_like(counts), where=rows > 0)
     n = len(names)
-    side = max(4.5, 0.38 * n + 2.5)
+    side = min(max(4.5, 0.38 * n + 2.5), 16)             # 24 classes: 11.6 inches, every name readable
     fig, ax = plt.subplots(figsize=(side + 1.2, side))
     image = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(n), names, rotation=60, ha="right", fontsize=8 if n > 12 else 10)
-    ax.set_yticks(range(n), names, fontsize=8 if n > 12 else 10)
+    if n <= MAX_NAMED:
+        ax.set_xticks(range(n), names, rotation=60, ha="right", fontsize=8 if n > 12 else 10)
+        ax.set_yticks(range(n), names, fontsize=8 if n > 12 else 10)
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
     if n <= 30:
@@ -42,7 +45,7 @@ def confusion_png(result: dict, path) -> Path:
                  + (f", top-5 {top5:.1f}%" if top5 is not None else "")
                  + f", mean per-class recall {result['mean_per_class_recall']:.1f}%\n(rows: % of each true class)",
                  fontsize=10)
-    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
     fig.tight_layout()
     return _save(fig, plt, path, atomic_path)
 
