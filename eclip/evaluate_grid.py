@@ -84,10 +84,11 @@ def cell_label(cell) -> str:
 
 def evaluate_grid(specs, cells, *, task: str = "retrieval", data_root=None, image_folder=None,
                   recall_k=(1, 5, 10), same_image: str = "bytes", batch_size: int = 64, classify_options=None,
-                  features_dir=None, records: Optional[dict] = None) -> dict:
+                  features_dir=None, records: Optional[dict] = None, dump_dir=None) -> dict:
     """Evaluate every model on every cell -> {"task", "models": [label], "datasets": [label],
     "columns": [metric], "results": [[report per cell] per model]}. `records` may give a cell's
-    records already read ({cell: [Record]})."""
+    records already read ({cell: [Record]}); with `dump_dir`, each retrieval cell's rank dump goes
+    to dump_path(dump_dir, model index, cell index) (what the report reads)."""
     from eclip.console import err
     from eclip.model.factory import load_model
     check_task(task)
@@ -96,7 +97,7 @@ def evaluate_grid(specs, cells, *, task: str = "retrieval", data_root=None, imag
     for m, spec in enumerate(specs):
         model = load_model(spec)
         row = []
-        for cell in cells:
+        for d, cell in enumerate(cells):
             dataset, split = cell
             err.print(f"[dim]{model_label(spec)} on {cell_label(cell)} ({m + 1}/{len(specs)})[/dim]")
             folder = None if features_dir is None else Path(features_dir) / _slug(model_label(spec)) / _slug(cell_label(cell))
@@ -104,7 +105,8 @@ def evaluate_grid(specs, cells, *, task: str = "retrieval", data_root=None, imag
                 from eclip.evaluate import evaluate
                 row.append(evaluate(spec, dataset, data_root, split or "test", recall_k=recall_k,
                                     batch_size=batch_size, model=model, records=records.get(cell),
-                                    image_folder=image_folder, same_image=same_image, features_dir=folder))
+                                    image_folder=image_folder, same_image=same_image, features_dir=folder,
+                                    dump_ranks=None if dump_dir is None else dump_path(dump_dir, m, d)))
             else:
                 from eclip.classify import classify
                 row.append(classify(spec, dataset, data_root, split or "test", options=classify_options,
@@ -114,6 +116,10 @@ def evaluate_grid(specs, cells, *, task: str = "retrieval", data_root=None, imag
         del model
     return {"task": task, "models": [model_label(s) for s in specs], "datasets": [cell_label(c) for c in cells],
             "columns": list(RETRIEVAL_COLUMNS if task == "retrieval" else CLASSIFY_COLUMNS), "results": results}
+
+
+def dump_path(folder, model_index: int, cell_index: int) -> Path:
+    return Path(folder) / f"ranks-{model_index}-{cell_index}.jsonl"
 
 
 def _slug(text: str) -> str:

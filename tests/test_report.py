@@ -109,3 +109,24 @@ def test_a_failed_report_leaves_no_folder(pairs, checkpoint, tmp_path, monkeypat
                               "--report", str(tmp_path / "report")])
     assert r.exit_code != 0
     assert list(tmp_path.iterdir()) == []          # neither the report nor its temporary folder
+
+
+def test_table_report_links_each_cell_to_its_own_report(browser, pairs, checkpoint, tiny_config_path,  # noqa: F811
+                                                        tmp_path):
+    from selenium.webdriver.common.by import By
+    report = tmp_path / "report"
+    r = runner().invoke(app, ["evaluate", "--dataset", str(pairs), "--checkpoint", str(checkpoint[0]), "--model",
+                              str(tiny_config_path), "--pretrained", "none", "--device", "cpu", "--recall-k", "1",
+                              "--json", "--report", str(report)])
+    assert r.exit_code == 0, r.output
+    grid = json.loads(r.stdout)
+    browser.get((report / "index.html").as_uri())
+    rows = browser.find_elements(By.CSS_SELECTOR, "#metrics tbody tr")
+    assert [row.find_element(By.TAG_NAME, "td").text for row in rows] == grid["models"]
+    links = browser.find_elements(By.CSS_SELECTOR, "#metrics tbody a")
+    assert len(links) == 2 and links[1].text == f"{grid['results'][1][0]['text_to_image']['R@1']:.2f}"
+    browser.save_screenshot(str(tmp_path / "table-report.png"))
+    links[1].click()
+    sources = wait(browser, lambda d: d.execute_script(IMAGES_LOADED))
+    assert "recall.png" in sources
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#failures-t2i .query figure")) >= 5   # top 5 shown at --recall-k 1

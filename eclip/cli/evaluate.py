@@ -127,10 +127,10 @@ def evaluate(
         cells = dataset_cells(dataset, split)
         records = _read_cells(cells, data_root, image_folder, options)   # labels checked before a model loads
         if len(specs) > 1 or len(cells) > 1:
-            if dump_ranks is not None or plot is not None or report is not None:
-                raise EclipError("--dump-ranks, --plot and --report are for one model on one dataset split")
+            if dump_ranks is not None or plot is not None:
+                raise EclipError("--dump-ranks and --plot are for one model on one dataset split")
             return _show_grid(specs, cells, records, task, data_root, image_folder, ks, same_image, batch_size,
-                              options, embeddings, output, json_output)
+                              options, embeddings, output, json_output, report)
         (one_dataset, one_split), spec = cells[0], specs[0]
         if task == "classify":
             from eclip.classify import classify
@@ -209,11 +209,25 @@ def _show_one(result, output, json_output):
 
 
 def _show_grid(specs, cells, records, task, data_root, image_folder, ks, same_image, batch_size, options,
-               embeddings, output, json_output):
-    from eclip.evaluate_grid import evaluate_grid, grid_table, write_grid
-    grid = evaluate_grid(specs, cells, task=task, data_root=data_root, image_folder=image_folder, recall_k=ks,
-                         same_image=same_image, batch_size=batch_size, classify_options=options,
-                         features_dir=embeddings, records=records)
+               embeddings, output, json_output, report=None):
+    import tempfile
+
+    from eclip.evaluate_grid import dump_path, evaluate_grid, grid_table, write_grid
+    with tempfile.TemporaryDirectory(prefix="eclip-report-") as scratch:
+        dumps = scratch if report is not None and task == "retrieval" else None
+        if dumps is not None:                   # the report shows each query's top 5
+            from eclip.report import TOP
+            ks = ks if max(ks) >= TOP else tuple(sorted({*ks, TOP}))
+        grid = evaluate_grid(specs, cells, task=task, data_root=data_root, image_folder=image_folder, recall_k=ks,
+                             same_image=same_image, batch_size=batch_size, classify_options=options,
+                             features_dir=embeddings, records=records, dump_dir=dumps)
+        if report is not None:
+            from eclip.console import note
+            from eclip.report import write_grid_report
+            where = [(m, d) for m in range(len(specs)) for d in range(len(cells))]
+            page = write_grid_report(report, grid, {w: dump_path(dumps, *w) for w in where} if dumps else {},
+                                     {(m, d): records[cells[d]] for m, d in where})
+            note(f"report: {page}")
     if output is not None:
         write_grid(output, grid)
     if json_output:

@@ -30,6 +30,61 @@ def write_report(folder, result: dict, *, ranks_file=None, records=None, worst: 
     Retrieval reads each query's rank and top results from `ranks_file` (`--dump-ranks` lines; the
     file is kept in the report as ranks.jsonl); `records` (the evaluated records) give the captions
     shown. Thumbnails go to thumbs/, one per image, shared by every page."""
+    return _whole_folder(folder, lambda tmp: _fill(tmp, result, ranks_file, records, worst, successes))
+
+
+def write_grid_report(folder, grid: dict, ranks_files: dict, records: dict) -> Path:
+    """The report of a many-models table (eclip.evaluate_grid): index.html with the table, each cell
+    linking to its own report (one folder per model and dataset, as `write_report` writes it).
+    ranks_files / records: {(model index, dataset index): path / [Record]}."""
+    from html import escape
+
+    from eclip.evaluate_grid import grid_rows
+
+    def fill(tmp: Path):
+        links = {}
+        for m, row in enumerate(grid["results"]):
+            for d, result in enumerate(row):
+                sub = f"model{m + 1}-dataset{d + 1}"
+                (tmp / sub).mkdir()
+                _fill(tmp / sub, result, ranks_files.get((m, d)), records.get((m, d)), WORST, SUCCESSES)
+                links[(m, d)] = f"{sub}/index.html"
+        header, rows = grid_rows(grid)
+        per = len(grid["columns"])
+        cells = []
+        for m, row in enumerate(rows):
+            tds = [f"<td>{escape(str(row[0]))}</td>"]
+            for i, v in enumerate(row[1:]):
+                text = "-" if v is None else f"{v:.2f}"
+                if i % per == 0:
+                    text = f'<a href="{links[(m, i // per)]}">{text}</a>'
+                tds.append(f"<td>{text}</td>")
+            cells.append("<tr>" + "".join(tds) + "</tr>")
+        head = "".join(f"<th>{escape(h)}</th>" for h in header)
+        body = (f'<section class="card" id="metrics"><h2>Results</h2><table class="metrics"><thead><tr>{head}'
+                f'</tr></thead><tbody>{"".join(cells)}</tbody></table><p class="muted">Each cell\'s first number '
+                "links to its own report.</p></section>")
+        what = "retrieval" if grid["task"] == "retrieval" else "classification"
+        (tmp / "index.html").write_text(page(f"eclip evaluation: {what}", f"{len(grid['models'])} model(s) x "
+                                             f"{len(grid['datasets'])} dataset(s)", [], body), encoding="utf-8")
+    return _whole_folder(folder, fill)
+
+
+def _fill(tmp: Path, result: dict, ranks_file, records, worst: int, successes: int) -> None:
+    import shutil
+    if result.get("task") == "classify":
+        from eclip.report.classify_page import write_classify_pages
+        write_classify_pages(tmp, result)
+        return
+    from eclip.report.retrieval_page import write_retrieval_pages
+    if ranks_file is not None:
+        shutil.copyfile(ranks_file, tmp / "ranks.jsonl")
+    write_retrieval_pages(tmp, result, tmp / "ranks.jsonl" if ranks_file is not None else None,
+                          records or [], worst, successes)
+
+
+def _whole_folder(folder, fill) -> Path:
+    """fill(a temporary folder beside `folder`), then rename it to `folder` (new or empty)."""
     import os
     import shutil
     import tempfile
@@ -37,15 +92,7 @@ def write_report(folder, result: dict, *, ranks_file=None, records=None, worst: 
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
-        if result.get("task") == "classify":
-            from eclip.report.classify_page import write_classify_pages
-            write_classify_pages(tmp, result)
-        else:
-            from eclip.report.retrieval_page import write_retrieval_pages
-            if ranks_file is not None:
-                shutil.copyfile(ranks_file, tmp / "ranks.jsonl")
-            write_retrieval_pages(tmp, result, tmp / "ranks.jsonl" if ranks_file is not None else None,
-                                  records or [], worst, successes)
+        fill(tmp)
         if folder.is_dir():
             folder.rmdir()                      # empty: check_report_dir said so
         os.replace(tmp, folder)
