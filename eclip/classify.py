@@ -62,7 +62,7 @@ class ClassifyOptions:
     classes: Optional[Classes] = None
     train_split: str = "train"          # linear probe: fitted here,
     val_split: str = "val"              # C chosen here
-    seed: int = 0
+    seed: int = 0                       # the probe's random_state (L-BFGS itself draws nothing)
     batch_size: int = 64
 
     def check(self) -> "ClassifyOptions":
@@ -263,7 +263,7 @@ def confused_pairs(counts, display_names, targets, predicted, records, top: int 
 # --- the whole evaluation ----------------------------------------------------------------------
 
 def classify(spec=None, dataset: str | None = None, data_root=None, split: str = "test", *,
-             options: ClassifyOptions = ClassifyOptions(), model=None, records=None, image_folder=None,
+             options: ClassifyOptions | None = None, model=None, records=None, image_folder=None,
              workers: int | None = None, features_dir=None) -> dict:
     """Classify a split's records with a model and return the metrics report (module docstring).
 
@@ -271,7 +271,7 @@ def classify(spec=None, dataset: str | None = None, data_root=None, split: str =
     splits from `dataset`). With `features_dir`, each split's features are kept there and reused
     (eclip.features_cache)."""
     import torch
-    options.check()
+    options = (options or ClassifyOptions()).check()
     read = _reader(dataset, data_root, image_folder)
     if records is None:
         records = read(split)

@@ -15,7 +15,7 @@ from eclip.data.readers import read_dataset
 from eclip.errors import EclipError
 
 from test_evaluate import runner
-from benchmark_fixtures import n24news_archive, placeholder
+from benchmark_fixtures import VISUALNEWS, n24news_archive, placeholder, visualnews
 
 CLASSES = ["sport", "food", "art", "science", "travel", "politics"]
 
@@ -168,6 +168,8 @@ def test_labels_come_from_n24news_sections_and_table_fields(tmp_path):
     root = n24news_archive(tmp_path / "n24")
     records = read_dataset("n24news", root, "test")
     assert [r.label for r in records] == ["Science", "Science", "Food", "Style"]
+    topics = [r.label for r in read_dataset("visualnews", visualnews(tmp_path / "vn", "authors"), "test")]
+    assert topics == [d["topic"] for d in VISUALNEWS]
     table = tmp_path / "t.csv"
     table.write_text("image,text,label\na.jpg,one,7\nb.jpg,two,\n")
     assert [r.label for r in read_dataset(str(table))] == ["7", None]

@@ -104,7 +104,7 @@ def evaluate(
         ks = parse_recall_k(recall_k)
         check_same_image(same_image)
         check_task(task)
-        options = _classify_options(mode, inputs, templates, classes, train_split, val_split, seed,
+        options = _classify_options(mode, inputs, templates, classes, train_split, val_split,
                                     batch_size) if task == "classify" else None
         if plot is not None and task != "classify":
             raise EclipError(f"--plot {plot}: the confusion matrix PNG is for --task classify "
@@ -168,14 +168,13 @@ def _write_report(folder, result, ranks_file, records):
     note(f"report: {write_report(folder, result, ranks_file=ranks_file, records=records)}")
 
 
-def _classify_options(mode, inputs, templates, classes, train_split, val_split, seed, batch_size):
+def _classify_options(mode, inputs, templates, classes, train_split, val_split, batch_size):
     """--task classify's options, checked (templates and classes files read) before anything loads."""
     from eclip.classify import DEFAULT_TEMPLATES, ClassifyOptions, read_classes, read_templates
     return ClassifyOptions(mode=mode, inputs=inputs,
                            templates=read_templates(templates) if templates is not None else DEFAULT_TEMPLATES,
                            classes=read_classes(classes) if classes is not None else None,
-                           train_split=train_split, val_split=val_split, seed=seed or 0,
-                           batch_size=batch_size).check()
+                           train_split=train_split, val_split=val_split, batch_size=batch_size).check()
 
 
 def _read_cells(cells, data_root, image_folder, options) -> dict:
