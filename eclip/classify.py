@@ -272,7 +272,7 @@ def classify(spec=None, dataset: str | None = None, data_root=None, split: str =
     (eclip.features_cache)."""
     import torch
     options = (options or ClassifyOptions()).check()
-    read = _reader(dataset, data_root, image_folder)
+    read = split_reader(dataset, data_root, image_folder)
     if records is None:
         records = read(split)
     if not records:
@@ -366,7 +366,7 @@ def _headline(result: dict) -> dict:
     return {k: result[k] for k in ("top1", "top5", "mean_per_class_recall")}
 
 
-def _reader(dataset, data_root, image_folder):
+def split_reader(dataset, data_root, image_folder):
     """split -> records. A .jsonl / .csv dataset has no splits: a linear probe's --train-split and
     --val-split then name files of their own."""
     def read(split):
@@ -393,7 +393,7 @@ def check_labels(records, dataset, split, options: ClassifyOptions, read_split=N
     if _is_file(dataset) and not _is_file(options.train_split):
         raise EclipError(f"--dataset {dataset}: a file has no train / val split; a linear probe needs "
                          "--train-split and --val-split as .jsonl / .csv files")
-    train = (read_split or _reader(dataset, None, None))(options.train_split)
+    train = (read_split or split_reader(dataset, None, None))(options.train_split)
     classes, _ = label_targets(train, options.classes, _where(dataset, options.train_split))
     label_targets_within(records, classes, where)
 

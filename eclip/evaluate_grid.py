@@ -64,6 +64,19 @@ def dataset_cells(datasets: Sequence[str], splits: Sequence[str]) -> list[tuple[
     return cells
 
 
+def read_cells(cells, data_root, image_folder, options) -> dict:
+    """Every cell's records (cheap: no image is opened); for classification, their labels checked."""
+    from eclip.data.readers import read_dataset
+    records = {}
+    for dataset, split in cells:
+        records[(dataset, split)] = read_dataset(dataset, data_root, split or "test", image_folder=image_folder)
+        if options is not None:
+            from eclip.classify import check_labels, split_reader
+            check_labels(records[(dataset, split)], dataset, split, options,
+                         split_reader(dataset, data_root, image_folder))
+    return records
+
+
 def model_label(spec) -> str:
     """How a model is named in the table: its checkpoint path, else model (+ pretrained)."""
     if spec.checkpoint:

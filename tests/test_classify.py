@@ -180,3 +180,16 @@ def test_labels_come_from_n24news_sections_and_table_fields(tmp_path):
 def test_top5_is_nan_free_and_none_below_five_classes():
     m = classification_metrics(torch.eye(4), [0, 1, 2, 3], list("abcd"))
     assert m["top5"] is None and not any(isinstance(v, float) and math.isnan(v) for v in (m["top1"],))
+
+
+def test_cli_linear_probe_reads_train_and_val_files(labelled, tiny_config_path):
+    """A table has no splits: --train-split / --val-split name files. 36 captions in 64 dimensions
+    are linearly separable, so a probe fitted on them (train = val = test here) classifies them all."""
+    r = runner().invoke(app, ["evaluate", "--task", "classify", "--mode", "linear-probe", "--inputs", "text",
+                              "--dataset", str(labelled), "--train-split", str(labelled), "--val-split",
+                              str(labelled), "--model", str(tiny_config_path), "--pretrained", "none",
+                              "--device", "cpu", "--json"])
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    assert report["mode"] == "linear-probe" and report["n_train"] == 36 and report["n_val"] == 36
+    assert report["top1"] == 100.0 and report["val_top1"] == 100.0 and report["C"] in (1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0, 1000.0)

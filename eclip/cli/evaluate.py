@@ -97,10 +97,8 @@ def evaluate(
         help="Classify: write the confusion matrix (rows normalised) as a PNG.")] = None,
 ):
     with user_errors():
-        import json
-
         from eclip.evaluate import check_same_image, parse_recall_k
-        from eclip.evaluate_grid import check_task, dataset_cells, model_specs
+        from eclip.evaluate_grid import check_task, dataset_cells, model_specs, read_cells
         ks = parse_recall_k(recall_k)
         check_same_image(same_image)
         check_task(task)
@@ -125,7 +123,7 @@ def evaluate(
                              "or --embeddings DIR")
         specs = model_specs(model, pretrained, checkpoints, device, precision, seed)
         cells = dataset_cells(dataset, split)
-        records = _read_cells(cells, data_root, image_folder, options)   # labels checked before a model loads
+        records = read_cells(cells, data_root, image_folder, options)   # labels checked before a model loads
         if len(specs) > 1 or len(cells) > 1:
             if dump_ranks is not None or plot is not None:
                 raise EclipError("--dump-ranks and --plot are for one model on one dataset split")
@@ -175,19 +173,6 @@ def _classify_options(mode, inputs, templates, classes, train_split, val_split, 
                            templates=read_templates(templates) if templates is not None else DEFAULT_TEMPLATES,
                            classes=read_classes(classes) if classes is not None else None,
                            train_split=train_split, val_split=val_split, batch_size=batch_size).check()
-
-
-def _read_cells(cells, data_root, image_folder, options) -> dict:
-    """Every cell's records (cheap: no image is opened); for classification, their labels checked."""
-    from eclip.data.readers import read_dataset
-    records = {}
-    for dataset, split in cells:
-        records[(dataset, split)] = read_dataset(dataset, data_root, split or "test", image_folder=image_folder)
-        if options is not None:
-            from eclip.classify import check_labels
-            check_labels(records[(dataset, split)], dataset, split, options,
-                         lambda s, d=dataset: read_dataset(d, data_root, s, image_folder=image_folder))
-    return records
 
 
 def _show_one(result, output, json_output):
