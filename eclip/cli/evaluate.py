@@ -19,7 +19,9 @@ CLASSIFY_PANEL = "Classification (--task classify)"
 @app.command(help="Retrieval metrics of a model on a dataset split: Recall@K text->image and image->text, "
                   "median and mean rank (from 1), rsum. Identical image files count as one gallery item "
                   "(--same-image); a query is a hit at K when any of its positives is in the top K; ties rank "
-                  "the positive after the tied negatives. The paper's protocol is --same-image none.")
+                  "the positive after the tied negatives. The paper's protocol is --same-image none. "
+                  "--task classify: zero-shot or linear-probe classification of the records' labels. Several "
+                  "--checkpoint / --dataset / --split: one table, a row per model. --report DIR: an HTML page.")
 def evaluate(
     dataset: Annotated[Optional[List[str]], typer.Option(
         "--dataset", rich_help_panel=DATA_PANEL, show_default=False,
@@ -56,7 +58,8 @@ def evaluate(
     json_output: Json = False,
     output: Annotated[Optional[Path], typer.Option(
         "--output", "-o", rich_help_panel=OUTPUT_PANEL, metavar="FILE", show_default=False,
-        help="Also write the JSON report to FILE (atomically).")] = None,
+        help="Also write the JSON report to FILE (atomically); for several models or datasets, the table: "
+             "CSV when FILE ends in .csv, else JSON with every cell's report.")] = None,
     dump_ranks: Annotated[Optional[Path], typer.Option(
         "--dump-ranks", rich_help_panel=OUTPUT_PANEL, metavar="FILE", show_default=False,
         help="Write one JSON line per query: direction, query id, rank of its first positive, "
