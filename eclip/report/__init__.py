@@ -27,9 +27,9 @@ def write_report(folder, result: dict, *, ranks_file=None, records=None, worst: 
     """Write the report of one evaluation (`eclip.evaluate.evaluate` or `eclip.classify.classify`
     result) into `folder` (new or empty), whole or not at all; -> its index.html.
 
-    Retrieval reads each query's rank and top results from `ranks_file` (`--dump-ranks` lines; the
-    file is kept in the report as ranks.jsonl); `records` (the evaluated records) give the captions
-    shown. Thumbnails go to thumbs/, one per image, shared by every page."""
+    Retrieval reads each query's rank and top results from `ranks_file` (`--dump-ranks` lines, read
+    once, not copied: on a large split it is large); `records` (the evaluated records) give the
+    captions shown. Thumbnails go to thumbs/, one per image, shared by every page."""
     return _whole_folder(folder, lambda tmp: _fill(tmp, result, ranks_file, records, worst, successes))
 
 
@@ -71,16 +71,12 @@ def write_grid_report(folder, grid: dict, ranks_files: dict, records: dict) -> P
 
 
 def _fill(tmp: Path, result: dict, ranks_file, records, worst: int, successes: int) -> None:
-    import shutil
     if result.get("task") == "classify":
         from eclip.report.classify_page import write_classify_pages
         write_classify_pages(tmp, result)
         return
     from eclip.report.retrieval_page import write_retrieval_pages
-    if ranks_file is not None:
-        shutil.copyfile(ranks_file, tmp / "ranks.jsonl")
-    write_retrieval_pages(tmp, result, tmp / "ranks.jsonl" if ranks_file is not None else None,
-                          records or [], worst, successes)
+    write_retrieval_pages(tmp, result, ranks_file, records or [], worst, successes)
 
 
 def _whole_folder(folder, fill) -> Path:
