@@ -60,9 +60,9 @@ def test_retrieval_report_in_the_browser(browser, pairs, checkpoint, tmp_path): 
         assert f"rank {want['rank']} of {result['n_images']}" in shown.find_element(By.CLASS_NAME, "text").text
         figures = shown.find_elements(By.TAG_NAME, "figure")
         names = [f.find_element(By.TAG_NAME, "figcaption").text.splitlines()[-1] for f in figures]
-        assert names[:5] == [m["id"].rsplit("/", 1)[-1] for m in want["top"][:5]]
+        assert names[:5] == ["/".join(m["id"].split("/")[-2:]) for m in want["top"][:5]]   # folder/file
         true = [f for f in figures if "true" in f.get_attribute("class").split()]
-        assert len(true) == 1 and true[0].text.splitlines()[-1] == want["positives"][0].rsplit("/", 1)[-1]
+        assert len(true) == 1 and true[0].text.splitlines()[-1] == "/".join(want["positives"][0].split("/")[-2:])
     browser.save_screenshot(str(tmp_path / "retrieval-report.png"))
 
     browser.find_element(By.LINK_TEXT, "successes").click()

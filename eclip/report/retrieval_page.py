@@ -96,6 +96,12 @@ def _queries(title: str, anchor: str, lines: list, thumbs, caption_of: dict, n_g
     return f'<section class="card" id="{anchor}"><h2>{escape(title)}</h2>{"".join(rows)}</section>'
 
 
+def short_path(path: str) -> str:
+    """An image named by its folder and file name (datasets often name files 0.jpg, 1.jpg per folder)."""
+    p = Path(path)
+    return f"{p.parent.name}/{p.name}" if p.parent.name else p.name
+
+
 def _query(line: dict, thumbs, caption_of: dict, n_gallery: int) -> str:
     """One query: what was asked, its rank, its top results; the true item marked (and shown after
     the top results when it is not among them)."""
@@ -106,7 +112,7 @@ def _query(line: dict, thumbs, caption_of: dict, n_gallery: int) -> str:
     def result_html(item_id, score, true):
         label = f"{'<b>true</b> ' if true else ''}{score:.3f}" if score is not None else "<b>true</b>"
         if t2i:
-            return figure(thumbs(item_id), f"{label}<br>{escape(Path(item_id).name)}", true)
+            return figure(thumbs(item_id), f"{label}<br>{escape(short_path(item_id))}", true)
         return (f'<figure class="caption{" true" if true else ""}">{escape(caption_of.get(item_id, item_id))}'
                 f"<figcaption>{label}</figcaption></figure>")
     parts = [result_html(m["id"], m["score"], m["id"] in positives) for m in shown]
@@ -118,6 +124,6 @@ def _query(line: dict, thumbs, caption_of: dict, n_gallery: int) -> str:
     if t2i:
         asked = f'<div class="text">{escape(caption_of.get(line["query"], line["query"]))}{rank}</div>'
     else:
-        asked = f'<div class="text">{escape(Path(line["query"]).name)}{rank}</div>'
+        asked = f'<div class="text">{escape(short_path(line["query"]))}{rank}</div>'
         parts.insert(0, figure(thumbs(line["query"]), "query image") + '<span class="sep">→</span>')
     return f'<div class="query{hit}">{asked}<div class="results">{"".join(parts)}</div></div>'
