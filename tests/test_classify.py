@@ -193,3 +193,19 @@ def test_cli_linear_probe_reads_train_and_val_files(labelled, tiny_config_path):
     report = json.loads(r.stdout)
     assert report["mode"] == "linear-probe" and report["n_train"] == 36 and report["n_val"] == 36
     assert report["top1"] == 100.0 and report["val_top1"] == 100.0 and report["C"] in (1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0, 1000.0)
+
+
+def test_kept_features_are_reused(labelled, tiny_model, tmp_path, monkeypatch):
+    import eclip.evaluate
+    records = read_dataset(str(labelled))
+    options = ClassifyOptions(inputs="image+text", batch_size=8)
+    first = classify(records=records, model=tiny_model, options=options, features_dir=tmp_path)
+    assert len(list(tmp_path.glob("classify-image-text-*.safetensors"))) == 1
+
+    def no_embedding(*a, **k):
+        raise AssertionError("images embedded again although their features were kept")
+    monkeypatch.setattr(eclip.evaluate, "embed_images", no_embedding)
+    again = classify(records=records, model=tiny_model, options=options, features_dir=tmp_path)
+    assert again == first
+    with pytest.raises(AssertionError, match="embedded again"):     # other records: not the kept features
+        classify(records=records[:-6], model=tiny_model, options=options, features_dir=tmp_path)
