@@ -13,7 +13,9 @@ Steps (each prints the equivalent `eclip` command):
                       EntityCLIP, and the --no-experts baseline, the same steps and seed each; the two
                       `eclip train` commands it prints run at once, one per core
   4. eclip evaluate   the untrained model, the baseline and EntityCLIP on the test split, one table,
-                      and on examples/free-form-queries.jsonl (one query per test entity, unlike any caption)
+                      and on examples/free-form-queries.jsonl (one query per test entity, unlike any caption);
+                      zero-shot classification of the test images among the entity names (--task classify),
+                      and the HTML report of EntityCLIP's test retrieval (--report)
   5. eclip match      each held-out photograph against the captions of all the test photographs
 Steps 1, 2, 4 and 5 call the library the CLI is built on, in this process (open_clip imported once).
 Re-running with the same --output reuses what is done: finished runs are kept, a killed one resumes.
@@ -113,6 +115,7 @@ def main(argv=None) -> int:
         results[name] = evaluate(dataset=str(test_file), model=model)
         results[name]["free_form"] = evaluate(dataset=str(free_form), model=model)["text_to_image"]
     table = results_table(results)
+    classified, classify_table = classify_and_report(test_file, models["untrained (random init)"], summaries, out / "report")
 
     photos = named_photos(test_file)
     shown = next((r for r in photos if r.id.startswith("grace-hopper")), photos[0])
@@ -123,7 +126,7 @@ def main(argv=None) -> int:
 
     logs = {n: Path(s["run_dir"]) / "log.jsonl" for n, s in summaries.items()}
     plot = plot_val_curves(logs, out / "val_recall.png")
-    summary = {"results": results, "match": matched, "explain": explained, "train": summaries,
+    summary = {"results": results, "classify": classified, "match": matched, "explain": explained, "train": summaries,
                "plot": str(plot), "elapsed_s": round(time.perf_counter() - start, 1)}
     write_text(out / "summary.json", json.dumps(summary, indent=2, default=str))
     say("summary")
@@ -132,6 +135,8 @@ def main(argv=None) -> int:
     stdout.print(table)
     for line in spread_lines({n: results[n]["text_to_image"]["R@1"] for n in MODELS}, read_spread(p)):
         stdout.print(line)
+    stdout.print(classify_table)
+    stdout.print(f"EntityCLIP's test retrieval, worst queries first: {out / 'report' / 'index.html'}")
     live = explained["live"]
     stdout.print(f"explanations: {live['generated'] + live['cached']} by the embedded LLM in this run "
                  f"({explained['identical']} of {explained['compared']} identical to the shipped cache); training "
@@ -298,6 +303,57 @@ def results_table(results: dict):
         table.add_row(name, *(f"{x:.1f}" for x in (t["R@1"], t["R@5"], t["R@10"], i["R@1"], i["R@5"], i["R@10"],
                                                     r["rsum"])), free)
     return table
+
+
+CLASSIFY_TEMPLATES = ("a photo of {c}.", "a picture of {c}.", "an image of {c}.")
+
+
+def classify_and_report(test_file: Path, untrained, summaries: dict, report: Path):
+    """Zero-shot classification of the test images, each record's (first) entity its class, for the
+    untrained model and both trained ones; and the HTML report of EntityCLIP's test retrieval."""
+    import dataclasses
+    import shutil
+    import tempfile
+
+    from rich.table import Table
+
+    from eclip.classify import ClassifyOptions, classify
+    from eclip.config import ModelSpec
+    from eclip.data.readers import read_dataset
+    from eclip.evaluate import evaluate
+    from eclip.report import write_report
+    from eclip.atomic import write_text
+    labelled, templates = report.parent / "test-labelled.jsonl", report.parent / "templates.txt"
+    write_text(labelled, "".join(json.dumps(dataclasses.replace(r, label=r.entities[0]["text"]).to_dict()) + "\n"
+                                 for r in read_dataset(str(test_file))))
+    write_text(templates, "".join(t + "\n" for t in CLASSIFY_TEMPLATES))
+    records = read_dataset(str(labelled))
+    options = ClassifyOptions(templates=CLASSIFY_TEMPLATES)
+    say("4/5 classify", f"eclip evaluate --task classify --dataset {labelled} --templates {templates} "
+                        f"--checkpoint RUN/last.safetensors   # test.jsonl with each record's entity as its label")
+    found = {"untrained (random init)": classify(records=records, model=untrained, options=options)}
+    for name, s in summaries.items():
+        found[name] = classify(ModelSpec(checkpoint=s["last_checkpoint"], device="cpu"), records=records,
+                               options=options)
+    table = Table(title=f"Zero-shot classification of the {len(records)} test images among "
+                        f"{found['EntityCLIP']['n_classes']} entity names (chance top-1 = "
+                        f"{100 / found['EntityCLIP']['n_classes']:.1f}); templates: {'; '.join(CLASSIFY_TEMPLATES)}")
+    for col in ("model", "top-1", "top-5", "mean per-class recall"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for name, r in found.items():
+        table.add_row(name, *(f"{r[k]:.1f}" for k in ("top1", "top5", "mean_per_class_recall")))
+
+    ckpt = summaries["EntityCLIP"]["last_checkpoint"]
+    say("4/5 report", f"eclip evaluate --dataset {labelled} --checkpoint {ckpt} --report {report}")
+    shutil.rmtree(report, ignore_errors=True)          # the demo's own folder: a re-run writes it again
+    with tempfile.TemporaryDirectory() as scratch:
+        ranks = Path(scratch) / "ranks.jsonl"
+        result = evaluate(ModelSpec(checkpoint=ckpt, device="cpu"), records=records, dataset=str(labelled),
+                          dump_ranks=ranks)
+        write_report(report, result, ranks_file=ranks, records=records)
+    summary = {name: {k: r[k] for k in ("top1", "top5", "mean_per_class_recall", "n", "n_classes")}
+               for name, r in found.items()}
+    return {"templates": list(CLASSIFY_TEMPLATES), "results": summary, "report": str(report / "index.html")}, table
 
 
 def named_photos(split_file: Path) -> list:

@@ -30,6 +30,10 @@ def test_quick_demo_runs_the_whole_chain(tmp_path, capsys):
     assert all(len(p["matches"]) == 8 and p["matches"] == sorted(p["matches"], key=lambda m: -m["score"])
                for p in photos)
     assert Path(summary["plot"]).stat().st_size > 10_000       # a real PNG, not an empty file
+    classified = summary["classify"]["results"]
+    assert set(classified) == set(summary["results"])
+    assert all(r["n"] == 20 and r["n_classes"] == 20 and 0 <= r["top1"] <= r["top5"] <= 100 for r in classified.values())
+    assert "Captions whose image ranked worst" in Path(summary["classify"]["report"]).read_text()
     printed = capsys.readouterr().out
     assert "rsum" in printed and "val_recall.png" in printed and "ranked first" in printed
     assert "seed spread" in printed          # --quick: no ablation for its settings, and the line says so

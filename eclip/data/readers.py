@@ -98,8 +98,8 @@ def announce_skipped(records, dataset):
 def read_table(path, columns=None) -> list[Record]:
     """A .jsonl or .csv file of pairs: `image` (relative to the file's folder, or absolute),
     `text` (`caption` is accepted too, so `Record.to_dict` lines read back), and optional
-    `id` (default: the line number), `explanation` and `entities` (a JSON list; in CSV, a
-    JSON string). A .tsv file is a CSV with tabs. `columns` (eclip.data.shards.Columns) renames
+    `id` (default: the line number), `explanation`, `entities` (a JSON list; in CSV, a
+    JSON string) and `label` (a class, for `evaluate --task classify`). A .tsv file is a CSV with tabs. `columns` (eclip.data.shards.Columns) renames
     the image, text and id fields (--image-key, --text-key, --id-key)."""
     path = Path(path).expanduser()
     if not path.is_file():
@@ -125,8 +125,12 @@ def read_table(path, columns=None) -> list[Record]:
         rid = row.get("id")
         if isinstance(rid, bool) or not isinstance(rid, (str, int, float, type(None))):
             raise EclipError(f"{where}: 'id' must be a string or a number (got {type(rid).__name__})")
+        label = row.get("label")
+        if isinstance(label, bool) or not isinstance(label, (str, int, type(None))):
+            raise EclipError(f"{where}: 'label' must be a string or a whole number (got {type(label).__name__})")
         records.append(Record(str(line) if rid in (None, "") else str(rid), str(image_path), text,
-                              explanation, _entities(row.get("entities"), where)))
+                              explanation, _entities(row.get("entities"), where),
+                              None if label is None or str(label).strip() == "" else str(label).strip()))
     return _checked(records, path, len(records))
 
 

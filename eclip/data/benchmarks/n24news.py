@@ -8,6 +8,7 @@ Layouts, in the order they are looked for:
    It carries no split: N24News's train/dev/test membership is only in the archive's
    news/nytimes_{train,dev,test}.json, so only `--split all` reads it.
 
+Each record's `section` is its label (`eclip evaluate --task classify`).
 The text of a pair is the caption, not the headline: captions are what name the pictured
 entities. The EntityCLIP authors' explanation files key a record by its image file name.
 """
@@ -46,6 +47,13 @@ def read(root, split: str = "train", image_folder: str | None = None) -> list[Re
 
 def _records(root, path, folder: str) -> list[Record]:
     items = _json_list(path, ("image_id", "caption"))
-    records = [Record(str(d["image_id"]), _inside(root, f"{folder}/{d['image_id']}.jpg", path), d["caption"])
+    records = [Record(str(d["image_id"]), _inside(root, f"{folder}/{d['image_id']}.jpg", path), d["caption"],
+                      label=_section(d))
                for d in items if _has_caption(d, path)]
     return _checked(records, path, len(items))
+
+
+def _section(d: dict):
+    """The record's section (one of N24News's 24 classes), its label for `evaluate --task classify`."""
+    section = str(d.get("section") or "").strip()
+    return section or None

@@ -68,5 +68,6 @@ def _records(root, base: str, path) -> list[Record]:
         if not isinstance(d["image_path"], str):
             raise EclipError(f"{path}: image_path of record {d['id']!r} is not text")
         if _has_caption(d, path):
-            records.append(Record(str(d["id"]), _inside(folder, d["image_path"], path), d["caption"]))
+            records.append(Record(str(d["id"]), _inside(folder, d["image_path"], path), d["caption"],
+                                  label=str(d.get("topic") or "").strip() or None))   # its topic: a class
     return _checked(records, path, len(items))
