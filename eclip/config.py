@@ -46,11 +46,17 @@ class ExpertConfig:
     enabled: bool = True   # False: plain CLIP fine-tuning (the --no-experts baseline)
 
 
+# how GI-ITM draws its hard negatives: softmax over the non-positives (eclip), or the reference's
+# softmax with the positive zeroed and 1e-5 added to every weight (METHOD.md, "Where eclip differs")
+NEGATIVES = ("softmax", "reference")
+
+
 @dataclass
 class LossConfig:
     """L = VTC(V_cls, T_cls) + eta * L_GFM + lambda * VTC(V*, T*)."""
     eta: float = 0.1
     lam: float = 0.1
+    negatives: str = "softmax"          # GI-ITM's draw, one of NEGATIVES
 
 
 @dataclass
@@ -130,6 +136,8 @@ def config_problem(d) -> Optional[str]:
                 checks.append((f"{group}.{key}", is_int(value, fields[key]), f"an integer of at least {fields[key]}"))
             elif key == "enabled":
                 checks.append((f"{group}.{key}", isinstance(value, bool), "true or false"))
+            elif key == "negatives":
+                checks.append((f"{group}.{key}", value in NEGATIVES, f"one of {', '.join(NEGATIVES)}"))
             else:
                 checks.append((f"{group}.{key}", is_number(value) and value >= 0, "a number of at least 0"))
     for field_name, ok, expected in checks:
@@ -193,6 +201,7 @@ class TrainConfig:
     lock_text: bool = False
     eta: Optional[float] = None           # None: LossConfig's default (or the checkpoint's)
     lam: Optional[float] = None
+    negatives: Optional[str] = None       # None: LossConfig's default (or the checkpoint's)
     vision_experts: Optional[int] = None  # None: ExpertConfig's default (or the checkpoint's)
     text_experts: Optional[int] = None
     shared_experts: Optional[int] = None
