@@ -210,6 +210,7 @@ class TrainConfig:
                                           # AUGMENT); None: the eval transform, as in the reference
     workers: int = 4
     select_by: str = "rsum"               # one of SELECT_BY
+    protocol: Optional[str] = None        # "paper": the reference's readers (eclip.protocol); None: eclip's
     eval_every: int = 0                   # 0: validate at the end of each epoch only
     save_every: int = 0                   # 0: save the resumable state at the end of each epoch only
     log_every: int = 10

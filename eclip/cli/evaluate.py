@@ -8,7 +8,7 @@ import typer
 from typing_extensions import Annotated
 
 from eclip.cli import app
-from eclip.cli.options import (DATA_PANEL, Checkpoint, DataRoot, Dataset, Device, ImageFolder, Json, Model, Precision,
+from eclip.cli.options import (DATA_PANEL, Checkpoint, DataRoot, Dataset, Device, ImageFolder, Json, Model,
                                PrecisionOpt, Pretrained, Seed, Split, model_spec, user_errors)
 from eclip.errors import EclipError
 
@@ -28,7 +28,7 @@ def evaluate(
     pretrained: Pretrained = None,
     checkpoint: Checkpoint = None,
     device: Device = None,
-    precision: PrecisionOpt = Precision.fp32,
+    precision: PrecisionOpt = None,
     seed: Seed = None,
     embeddings: Annotated[Optional[Path], typer.Option(
         "--embeddings", metavar="DIR", rich_help_panel=DATA_PANEL, show_default=False,
@@ -39,6 +39,11 @@ def evaluate(
         help="Which records share one gallery image: bytes (identical file contents), path (the same file "
              "path: CLIP_benchmark's convention) or none (every record its own gallery item: the EntityCLIP "
              "reference's protocol, which the paper's numbers use).")] = "bytes",
+    protocol: Annotated[str, typer.Option(
+        "--protocol", metavar="eclip|paper",
+        help="paper: the reference code's evaluation in one switch: --same-image none, its readers (empty "
+             "captions kept, GoodNews test with its broken_images.txt entries) and fp16 on a GPU (fp32 on the "
+             "CPU, as the reference) (README, 'Comparing with the paper').")] = "eclip",
     recall_k: Annotated[str, typer.Option(
         "--recall-k", metavar="K,K,...", help="Recall cut-offs (rsum always uses 1, 5 and 10).")] = "1,5,10",
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images / captions per forward pass.")] = 64,
@@ -55,9 +60,18 @@ def evaluate(
         import json
 
         from eclip.evaluate import check_same_image, parse_recall_k
+        from eclip.protocol import PAPER_EVALUATE, check_protocol, paper_options
         ks = parse_recall_k(recall_k)
         check_same_image(same_image)
-        spec = model_spec(model, pretrained, checkpoint, device, precision, seed)
+        check_protocol(protocol)
+        # --same-image has a default, so only a value other than it can contradict the protocol
+        same_image = paper_options(protocol, {"same_image": None if same_image == "bytes" else same_image},
+                                   PAPER_EVALUATE)["same_image"] or same_image
+        precision = getattr(precision, "value", precision)
+        if protocol == "paper" and embeddings is None:
+            from eclip.protocol import evaluation_precision
+            precision = evaluation_precision(protocol, precision, device)
+        spec = model_spec(model, pretrained, checkpoint, device, precision or "fp32", seed)
         if embeddings is not None:   # model options, if given, must name the model the store was made with
             result = _from_embeddings(embeddings, ks, dump_ranks, spec, same_image)
         else:
@@ -66,7 +80,7 @@ def evaluate(
                 raise EclipError("--dataset is required (n24news, visualnews, goodnews or a .jsonl / .csv file), "
                                  "or --embeddings DIR")
             result = run(spec, dataset, data_root, split, recall_k=ks, batch_size=batch_size, dump_ranks=dump_ranks,
-                         image_folder=image_folder, same_image=same_image)
+                         image_folder=image_folder, same_image=same_image, protocol=protocol)
         if output is not None:
             from eclip.atomic import write_text
             write_text(output, json.dumps(result, indent=2, ensure_ascii=False) + "\n")

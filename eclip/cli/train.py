@@ -103,6 +103,9 @@ def train(
         RUN, "rsum", "Which validation makes best.safetensors: rsum (highest val rsum) or val-loss (lowest "
         "validation contrastive loss, the reference's rule). Both are logged at every validation.",
         "--select-by", metavar="rsum|val-loss")] = None,
+    protocol: Annotated[Optional[str], _opt(
+        RUN, "eclip", "paper: the reference code's choices in one switch: --select-by val-loss, --negatives "
+        "reference and its readers (README, 'Comparing with the paper').", "--protocol", metavar="eclip|paper")] = None,
     workers: Annotated[OptInt, _int(RUN, "4", "Image-loading processes.", min=0)] = None,
     eval_every: Annotated[OptInt, _int(RUN, "0", "Also validate every N optimizer steps (0: at the end of "
                                                  "each epoch only).", min=0)] = None,
@@ -120,6 +123,8 @@ def train(
             raise EclipError(f"--select-by {select_by}: one of {', '.join(SELECT_BY)}")
         if negatives not in (None, *NEGATIVES):
             raise EclipError(f"--negatives {negatives}: one of {', '.join(NEGATIVES)}")
+        from eclip.protocol import PAPER_TRAIN, check_protocol, paper_options
+        check_protocol(protocol)
         from eclip.train.inputs import check_inputs
         from eclip.train.rundir import resume_config
 
@@ -137,7 +142,9 @@ def train(
             "no_experts": no_experts, "augment": AUGMENT if augment else None, "select_by": select_by,
             "workers": workers, "eval_every": eval_every, "save_every": save_every,
             "log_every": log_every, "tensorboard": tensorboard,
+            "protocol": protocol if protocol != "eclip" else None,
         }
+        given = paper_options(protocol, given, PAPER_TRAIN)
         if resume is not None:
             config = resume_config(resume, output=str(output) if output else None, **given)
         else:
