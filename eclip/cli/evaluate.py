@@ -8,8 +8,8 @@ import typer
 from typing_extensions import Annotated
 
 from eclip.cli import app
-from eclip.cli.options import (DATA_PANEL, Checkpoint, DataRoot, Dataset, Device, ImageFolder, Json, Model,
-                               PrecisionOpt, Pretrained, Seed, Split, model_spec, user_errors)
+from eclip.cli.options import (DATA_PANEL, MODEL_PANEL, Checkpoint, DataRoot, Dataset, Device, ImageFolder, Json, Model,
+                               Precision, Pretrained, Seed, Split, model_spec, user_errors)
 from eclip.errors import EclipError
 
 OUTPUT_PANEL = "Output"
@@ -28,7 +28,9 @@ def evaluate(
     pretrained: Pretrained = None,
     checkpoint: Checkpoint = None,
     device: Device = None,
-    precision: PrecisionOpt = None,
+    precision: Annotated[Optional[Precision], typer.Option(
+        "--precision", rich_help_panel=MODEL_PANEL, show_default=False,
+        help="Compute precision. Default: fp32; with --protocol paper fp16 on a CUDA device.")] = None,
     seed: Seed = None,
     embeddings: Annotated[Optional[Path], typer.Option(
         "--embeddings", metavar="DIR", rich_help_panel=DATA_PANEL, show_default=False,
