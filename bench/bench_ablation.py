@@ -48,6 +48,7 @@ ROWS = {   # name -> what differs from the demo's EntityCLIP run (None: not trai
     "EntityCLIP (c) appearance explanations": {"explanations": "appearance"},
     "EntityCLIP (a), eta = 0": {"explanations": "llm", "eta": 0.0},
     "EntityCLIP (a), lambda = 0": {"explanations": "llm", "lam": 0.0},
+    "EntityCLIP (a), --negatives reference": {"explanations": "llm", "negatives": "reference"},
 }
 
 DEMO_ROWS = ("untrained (random init)", "CLIP fine-tuned (--no-experts)", "EntityCLIP (a) LLM explanations")
@@ -64,6 +65,8 @@ def main(argv=None) -> int:
     ap.add_argument("--minilm", action="store_true", help="the demo's --minilm model (pretrained text tower, locked)")
     ap.add_argument("--demo-rows", action="store_true",
                     help="only the rows the demo shows (untrained, --no-experts, EntityCLIP (a)): its seed spread")
+    ap.add_argument("--rows", default=None, help="only the rows whose names contain one of these comma-separated "
+                                                  "words (e.g. 'LLM explanations,negatives reference')")
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                     help="training runs at once, one core each (default: 2, or 1 on one core)")
     args = ap.parse_args(argv)
@@ -97,9 +100,11 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(1)
     jobs, row_seed = {}, {}      # progress-bar name -> (eclip train arguments, run dir); -> (row, seed)
+    wanted = [w.strip().lower() for w in args.rows.split(",")] if args.rows else None
     for seed in seeds:
         for row, change in ROWS.items():
-            if (row, seed) in done or args.demo_rows and row not in DEMO_ROWS:
+            if (row, seed) in done or args.demo_rows and row not in DEMO_ROWS \
+                    or wanted and not any(w in row.lower() for w in wanted):
                 continue
             if change is None:
                 t0 = time.perf_counter()
@@ -109,7 +114,8 @@ def main(argv=None) -> int:
             run, name = out / "runs" / f"{_slug(row)}-{seed}", f"{row} | seed {seed}"
             jobs[name] = (demo.train_args(settings, data, run, seed=seed, no_experts=change.get("no_experts", False),
                                           explanations=caches[explanations] if explanations else None,
-                                          eta=change.get("eta"), lam=change.get("lam")), run)
+                                          eta=change.get("eta"), lam=change.get("lam"),
+                                          negatives=change.get("negatives")), run)
             row_seed[name] = (row, seed)
 
     def finished(name, summary):

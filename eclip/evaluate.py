@@ -123,14 +123,16 @@ def build_gallery(records, on_file=None, same_image: str = "bytes") -> Gallery:
 def evaluate(spec=None, dataset: str | None = None, data_root=None, split: str = "test", *,
              recall_k: Sequence[int] = DEFAULT_RECALL_K, batch_size: int = 64, chunk_size: int | None = None,
              dump_ranks=None, workers: int | None = None, model=None, records=None,
-             image_folder: str | None = None, same_image: str = "bytes", features_dir=None) -> dict:
+             image_folder: str | None = None, same_image: str = "bytes", features_dir=None,
+             protocol: str | None = None) -> dict:
     """Embed a split with a model and return the metrics report (see `evaluate_features`).
 
     `spec` (eclip.config.ModelSpec) is loaded with eclip.model.factory.load_model unless an
     already built `model` is given; `records` may replace `dataset` / `data_root` / `split`.
     Images that cannot be read are left out (with their records), named in a note and
     counted in "n_skipped". With `features_dir`, the split's features are kept there and reused
-    by the next evaluation of the same model and records (eclip.features_cache).
+    by the next evaluation of the same model and records (eclip.features_cache). `protocol` "paper"
+    reads the split as the reference does (eclip.protocol).
     """
     recall_k = _check_k(recall_k)
     check_same_image(same_image)
@@ -138,7 +140,7 @@ def evaluate(spec=None, dataset: str | None = None, data_root=None, split: str =
         if not dataset:
             raise EclipError("--dataset is required (n24news, visualnews, goodnews or a .jsonl / .csv file)")
         from eclip.data.readers import read_dataset
-        records = read_dataset(dataset, data_root, split, image_folder=image_folder)
+        records = read_dataset(dataset, data_root, split, image_folder=image_folder, protocol=protocol)
     if not records:
         raise EclipError(f"--dataset {dataset} --split {split}: no records to evaluate")
     if model is None:

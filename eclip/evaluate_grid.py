@@ -64,13 +64,13 @@ def dataset_cells(datasets: Sequence[str], splits: Sequence[str]) -> list[tuple[
     return cells
 
 
-def read_cells(cells, data_root, image_folder, options, columns=None) -> dict:
+def read_cells(cells, data_root, image_folder, options, columns=None, protocol=None) -> dict:
     """Every cell's records (cheap: no image is opened); for classification, their labels checked."""
     from eclip.data.readers import read_dataset
     records = {}
     for dataset, split in cells:
         records[(dataset, split)] = read_dataset(dataset, data_root, split or "test", image_folder=image_folder,
-                                                  columns=columns)
+                                                  columns=columns, protocol=protocol)
         if options is not None:
             from eclip.classify import check_labels, split_reader
             check_labels(records[(dataset, split)], dataset, split, options,

@@ -168,7 +168,8 @@ def forget_other_settings(out: Path, p: dict, made=("data", "runs")) -> None:
 
 
 def train_args(p: dict, data: Path, run: Path, seed: int = 42, no_experts: bool = False,
-               explanations: str | None = None, eta: float | None = None, lam: float | None = None) -> list:
+               explanations: str | None = None, eta: float | None = None, lam: float | None = None,
+               negatives: str | None = None) -> list:
     """The `eclip train` arguments of one demo (or ablation) run: settings `p`, one row's changes."""
     args = ["train", "--dataset", str(data / "train.jsonl"), "--model", str(HERE / p.get("model", MODEL_CFG.name)),
             "--pretrained", "none", "--device", "cpu", "--augment", "--epochs", str(p["epochs"]),
@@ -180,6 +181,7 @@ def train_args(p: dict, data: Path, run: Path, seed: int = 42, no_experts: bool 
     args += ["--explanations", explanations] if explanations else []
     args += ["--eta", str(eta)] if eta is not None else []
     args += ["--lambda", str(lam)] if lam is not None else []
+    args += ["--negatives", negatives] if negatives else []
     return args + ["--output", str(run)]
 
 

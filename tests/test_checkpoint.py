@@ -84,6 +84,7 @@ def rewrite_header(model, path, change):
     ("context_length", lambda c: c.update(context_length="77")),
     ("experts.n_vision", lambda c: c["experts"].update(n_vision="two")),
     ("loss.eta", lambda c: c["loss"].update(eta=None)),
+    ("loss.negatives", lambda c: c["loss"].update(negatives="hardest")),
     ("experts", lambda c: c.update(experts=3)),
     ("bogus", lambda c: c.update(bogus=1)),
 ])

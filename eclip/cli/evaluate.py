@@ -8,8 +8,8 @@ import typer
 from typing_extensions import Annotated
 
 from eclip.cli import app
-from eclip.cli.options import (DATA_PANEL, DataRoot, Device, IdKey, ImageFolder, ImageKey, Json, Model,
-                               Precision, PrecisionOpt, Pretrained, Seed, TextKey, columns, model_spec,
+from eclip.cli.options import (DATA_PANEL, MODEL_PANEL, DataRoot, Device, IdKey, ImageFolder, ImageKey, Json,
+                               Model, Precision, Pretrained, Seed, TextKey, columns, model_spec,
                                user_errors)
 from eclip.errors import EclipError
 
@@ -44,7 +44,9 @@ def evaluate(
         help="An eclip .safetensors checkpoint. Repeat it for one table over several models; --model / "
              "--pretrained, when given too, add one more row (e.g. the zero-shot baseline).")] = None,
     device: Device = None,
-    precision: PrecisionOpt = Precision.fp32,
+    precision: Annotated[Optional[Precision], typer.Option(
+        "--precision", rich_help_panel=MODEL_PANEL, show_default=False,
+        help="Compute precision. Default: fp32; with --protocol paper fp16 on a CUDA device.")] = None,
     seed: Seed = None,
     embeddings: Annotated[Optional[Path], typer.Option(
         "--embeddings", metavar="DIR", rich_help_panel=DATA_PANEL, show_default=False,
@@ -56,6 +58,11 @@ def evaluate(
         help="Which records share one gallery image: bytes (identical file contents), path (the same file "
              "path: CLIP_benchmark's convention) or none (every record its own gallery item: the EntityCLIP "
              "reference's protocol, which the paper's numbers use).")] = "bytes",
+    protocol: Annotated[str, typer.Option(
+        "--protocol", metavar="eclip|paper",
+        help="paper: the reference code's evaluation in one switch: --same-image none, its readers (empty "
+             "captions kept, GoodNews test with its broken_images.txt entries) and fp16 on a GPU (fp32 on the "
+             "CPU, as the reference) (README, 'Comparing with the paper').")] = "eclip",
     recall_k: Annotated[str, typer.Option(
         "--recall-k", metavar="K,K,...", help="Recall cut-offs (rsum always uses 1, 5 and 10).")] = "1,5,10",
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images / captions per forward pass.")] = 64,
@@ -112,6 +119,16 @@ def evaluate(
         from eclip.evaluate_grid import check_task, dataset_cells, model_specs, read_cells
         ks = parse_recall_k(recall_k)
         check_same_image(same_image)
+        from eclip.protocol import PAPER_EVALUATE, check_protocol, paper_options
+        check_protocol(protocol)
+        # --same-image has a default, so only a value other than it can contradict the protocol
+        same_image = paper_options(protocol, {"same_image": None if same_image == "bytes" else same_image},
+                                   PAPER_EVALUATE)["same_image"] or same_image
+        precision = getattr(precision, "value", precision)
+        if protocol == "paper" and embeddings is None:
+            from eclip.protocol import evaluation_precision
+            precision = evaluation_precision(protocol, precision, device)
+        precision = precision or "fp32"
         check_task(task)
         options = _classify_options(mode, inputs, templates, classes, train_split, val_split,
                                     batch_size) if task == "classify" else None
@@ -144,7 +161,8 @@ def evaluate(
                              "or --embeddings DIR")
         specs = model_specs(model, pretrained, checkpoints, device, precision, seed)
         cells = dataset_cells(dataset, split)
-        records = read_cells(cells, data_root, image_folder, options, columns(image_key, text_key, id_key))   # labels checked before a model loads
+        records = read_cells(cells, data_root, image_folder, options, columns(image_key, text_key, id_key),
+                             protocol)   # labels checked before a model loads
         if len(specs) > 1 or len(cells) > 1:
             if dump_ranks is not None or plot is not None:
                 raise EclipError("--dump-ranks and --plot are for one model on one dataset split")

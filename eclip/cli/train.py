@@ -100,6 +100,10 @@ def train(
     eta: Annotated[OptFloat, _float(EXP, "0.1", "Weight of the GI-ITM matching loss.", min=0.0)] = None,
     lam: Annotated[OptFloat, _float(EXP, "0.1", "Weight of VTC on the experts' V*, T*.", "--lambda",
                                   min=0.0)] = None,
+    negatives: Annotated[Optional[str], _opt(
+        EXP, "softmax", "How GI-ITM draws hard negatives: softmax (over the non-positives) or reference (the "
+        "reference code's draw: 1e-5 added to every weight, close to uniform once the positive dominates; "
+        "METHOD.md).", "--negatives", metavar="softmax|reference")] = None,
     vision_experts: Annotated[OptInt, _int(EXP, "4", min=0)] = None,
     text_experts: Annotated[OptInt, _int(EXP, "4", min=0)] = None,
     shared_experts: Annotated[OptInt, _int(EXP, "4", min=0)] = None,
@@ -113,6 +117,9 @@ def train(
         RUN, "rsum", "Which validation makes best.safetensors: rsum (highest val rsum) or val-loss (lowest "
         "validation contrastive loss, the reference's rule). Both are logged at every validation.",
         "--select-by", metavar="rsum|val-loss")] = None,
+    protocol: Annotated[Optional[str], _opt(
+        RUN, "eclip", "paper: the reference code's choices in one switch: --select-by val-loss, --negatives "
+        "reference and its readers (README, 'Comparing with the paper').", "--protocol", metavar="eclip|paper")] = None,
     workers: Annotated[OptInt, _int(RUN, "4", "Image-loading processes.", min=0)] = None,
     eval_every: Annotated[OptInt, _int(RUN, "0", "Also validate every N optimizer steps (0: at the end of "
                                                  "each epoch only).", min=0)] = None,
@@ -124,10 +131,14 @@ def train(
     json_out: Json = False,
 ):
     with user_errors():
-        from eclip.config import AUGMENT, SELECT_BY, TrainConfig
+        from eclip.config import AUGMENT, NEGATIVES, SELECT_BY, TrainConfig
         from eclip.errors import EclipError
         if select_by not in (None, *SELECT_BY):      # before torch is imported
             raise EclipError(f"--select-by {select_by}: one of {', '.join(SELECT_BY)}")
+        if negatives not in (None, *NEGATIVES):
+            raise EclipError(f"--negatives {negatives}: one of {', '.join(NEGATIVES)}")
+        from eclip.protocol import PAPER_TRAIN, check_protocol, paper_options
+        check_protocol(protocol)
         from eclip.train.inputs import check_inputs
         from eclip.train.rundir import resume_config
 
@@ -143,12 +154,14 @@ def train(
             "precision": spec.precision, "epochs": epochs, "batch_size": batch_size, "lr": lr,
             "weight_decay": weight_decay, "warmup_steps": warmup_steps, "grad_accum": grad_accum, "seed": seed,
             "lock_image": lock_image, "lock_text": lock_text, "tower_cache_mb": tower_cache_mb,
-            "tower_cache_disk": tower_cache_disk, "eta": eta, "lam": lam,
+            "tower_cache_disk": tower_cache_disk, "eta": eta, "lam": lam, "negatives": negatives,
             "vision_experts": vision_experts, "text_experts": text_experts, "shared_experts": shared_experts,
             "no_experts": no_experts, "augment": AUGMENT if augment else None, "select_by": select_by,
             "workers": workers, "eval_every": eval_every, "save_every": save_every,
             "log_every": log_every, "tensorboard": tensorboard,
+            "protocol": protocol if protocol != "eclip" else None,
         }
+        given = paper_options(protocol, given, PAPER_TRAIN)
         if resume is not None:
             config = resume_config(resume, output=str(output) if output else None, **given)
         else:

@@ -12,6 +12,7 @@ import csv
 import io
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
@@ -28,7 +29,7 @@ def default_data_root(name: str) -> Path:
 
 def read_dataset(dataset: str, data_root: Optional[Path] = None, split: str = "train",
                  explanations: Optional[Path] = None, image_folder: Optional[str] = None,
-                 columns=None) -> list[Record]:
+                 columns=None, protocol: Optional[str] = None) -> list[Record]:
     """Records of a benchmark split (eclip.data.benchmarks detects the layout on disk), or of a
     .jsonl / .csv file (whose `split` is ignored: one file is one set of pairs).
 
@@ -36,13 +37,15 @@ def read_dataset(dataset: str, data_root: Optional[Path] = None, split: str = "t
     fills each record's explanation (eclip.data.explanations). `image_folder` picks a benchmark's
     image folder where its layout offers a choice (GoodNews: images or resized). `columns`
     (eclip.data.shards.Columns) names the image / text / id fields of tables, parquet and shards.
+    `protocol` "paper" reads a benchmark as the reference code does (eclip.protocol): empty captions
+    kept, GoodNews test with its broken_images.txt entries, GoodNews train/val without unexplained pairs.
     """
     name = str(dataset).lower()
     key_parts = 1
     if name in BENCHMARKS:
         from eclip.data.benchmarks import authors_key_parts, read_benchmark
         root = Path(data_root).expanduser() if data_root else default_data_root(name)
-        records = read_benchmark(name, root, split, image_folder)
+        records = read_benchmark(name, root, split, image_folder, paper=protocol == "paper")
         key_parts = authors_key_parts(name)
     elif image_folder is not None:
         raise EclipError(f"--image-folder {image_folder}: only for a benchmark; a file's image paths "
@@ -55,7 +58,24 @@ def read_dataset(dataset: str, data_root: Optional[Path] = None, split: str = "t
         records, missing, kind = attach_explanations(records, explanations, key_parts)
         note(f"explanations: {len(records) - missing} of {len(records)} records from {explanations} ({kind}); "
              f"{missing} fall back to their caption")
+    if protocol == "paper" and name == "goodnews" and str(split).lower() != "test":
+        records = _explained_only(records, explanations, split)
     return records
+
+
+def _explained_only(records: list[Record], explanations, split) -> list[Record]:
+    """GoodNews train/val under --protocol paper: the reference's reader drops pairs without an
+    explanation (`img_id not in self.cap_info`), so validation averages over the same pairs."""
+    from eclip.console import note
+    if explanations is None:
+        note(f"--protocol paper: GoodNews {split} read without --explanations, so pairs without one cannot be "
+             f"left out as the reference does")
+        return records
+    kept = [r for r in records if r.explanation]
+    if len(kept) < len(records):
+        note(f"--protocol paper: GoodNews {split}: left out {len(records) - len(kept)} of {len(records)} pairs "
+             f"without an explanation, as the reference's reader does")
+    return kept
 
 
 def dataset_label(dataset, split: Optional[str]) -> tuple[Optional[str], Optional[str]]:
@@ -246,12 +266,14 @@ def _json_list(path: Path, fields) -> list[dict]:
     return items
 
 
-def _has_caption(d: dict, path: Path) -> bool:
-    """Benchmarks hold a few pairs without a caption: nothing to match, so they are left out."""
+def _has_caption(d: dict, path: Path, keep_empty: bool = False) -> bool:
+    """Benchmarks hold a few pairs without a caption: nothing to match, so they are left out; with
+    `keep_empty` (--protocol paper) an empty caption stays, as in the reference's readers (they count
+    in its recall denominators), and only a null one goes."""
     caption = d["caption"]
     if caption is not None and not isinstance(caption, str):
         raise EclipError(f"{path}: caption of record {d.get('id', d.get('image_id'))!r} is not text")
-    return bool(caption and caption.strip())
+    return caption is not None if keep_empty else bool(caption and caption.strip())
 
 
 def _inside(root: Path, relative: str, where) -> str:
@@ -267,14 +289,25 @@ def _inside(root: Path, relative: str, where) -> str:
     return str(path)
 
 
-def _checked(records: list[Record], path, total: int) -> list[Record]:
+def _checked(records: list[Record], path, total: int, number_duplicates: bool = False) -> list[Record]:
     """Refuse duplicate ids (they would merge two pairs in every id-keyed output) and say
-    how many pairs without a caption were left out."""
-    seen = set()
-    for r in records:
+    how many pairs without a caption were left out. A benchmark (`number_duplicates`) keeps a
+    repeated id as the reference does, as its own pair: the second is renamed ID#2, the third ID#3,
+    counted and named on stderr."""
+    seen, repeats = {}, []
+    for i, r in enumerate(records):
         if r.id in seen:
-            raise EclipError(f"{path}: duplicate id {r.id!r}")
-        seen.add(r.id)
+            if not number_duplicates:
+                raise EclipError(f"{path}: duplicate id {r.id!r}")
+            seen[r.id] += 1
+            repeats.append(r.id)
+            records[i] = replace(r, id=f"{r.id}#{seen[r.id]}")
+        else:
+            seen[r.id] = 1
+    if repeats:
+        from eclip.console import note
+        note(f"{path}: {len(repeats)} records repeat an earlier record's id (first: {repeats[0]!r}); each is kept as "
+             f"its own pair, renamed ID#2, ID#3, ...")
     if total > len(records):
         from eclip.console import note
         note(f"{path}: left out {total - len(records)} of {total} pairs without a caption")

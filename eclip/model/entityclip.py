@@ -10,7 +10,7 @@ from eclip.config import EntityCLIPConfig
 from eclip.console import note
 from eclip.model.backbone import single_token_towers
 from eclip.model.experts import MultimodalExperts
-from eclip.model.itm import MatchingHead, hard_negative_indices
+from eclip.model.itm import MatchingHead, hard_negative_indices, positive_probability, reference_negative_indices
 from eclip.model.loss import gather, shared_uniforms, vtc_loss, world
 from eclip.model.tower_cache import Towers, keep_locked_in_eval
 
@@ -109,14 +109,16 @@ class EntityCLIP(nn.Module):
         t_star = ex.gated(text_side, t_cls, ex.text_gate)
         vtc_star = vtc_loss(v_star, t_star, scale)
 
-        gfm = self._matching_loss(v_cls, t_cls, vision, image_side, text_side, e_kv, e_pad,
-                                  group_ids, generator, scale)
+        gfm, pos_prob = self._matching_loss(v_cls, t_cls, vision, image_side, text_side, e_kv, e_pad,
+                                            group_ids, generator, scale)
         loss = vtc + self.config.loss.eta * gfm + self.config.loss.lam * vtc_star
-        return {"loss": loss, "vtc": vtc.detach(), "gfm": gfm.detach(), "vtc_star": vtc_star.detach()}
+        return {"loss": loss, "vtc": vtc.detach(), "gfm": gfm.detach(), "vtc_star": vtc_star.detach(),
+                "pos_prob": pos_prob}
 
     def _matching_loss(self, v_cls, t_cls, vision, image_side, text_side, e_kv, e_pad, group_ids, generator,
                        scale):
-        """L_GFM over positives, (image, hard negative caption) and (hard negative image, caption).
+        """L_GFM over positives, (image, hard negative caption) and (hard negative image, caption), and the
+        mean softmax mass on the positives of the rows the negatives are drawn from (logged as pos_prob).
 
         Negatives are drawn from softmax of the contrastive *logits*, exp(logit_scale) * cosine, as in
         the reference and ALBEF: softmax of raw cosines (range -1..1) is almost uniform, so the
@@ -140,8 +142,10 @@ class EntityCLIP(nn.Module):
         with torch.no_grad():
             vn, tn = F.normalize(v_cls, dim=-1), F.normalize(t_cls, dim=-1)
             u = shared_uniforms(n, v_cls.device, generator)[:, local]
-            neg_text = hard_negative_indices(scale * (vn @ F.normalize(t_all, dim=-1).T), positive, u[0])
-            neg_image = hard_negative_indices(scale * (tn @ F.normalize(v_all, dim=-1).T), positive, u[1])
+            draw = reference_negative_indices if self.config.loss.negatives == "reference" else hard_negative_indices
+            i2t, t2i = scale * (vn @ F.normalize(t_all, dim=-1).T), scale * (tn @ F.normalize(v_all, dim=-1).T)
+            neg_text, neg_image = draw(i2t, positive, u[0]), draw(t2i, positive, u[1])
+            pos_prob = (positive_probability(i2t, positive) + positive_probability(t2i, positive)) / 2
 
         pairs = [(v_cls, t_cls, torch.cat([image_side, text_side], dim=1), 1)]
         r = (neg_text >= 0).nonzero().squeeze(1)
@@ -158,4 +162,4 @@ class EntityCLIP(nn.Module):
         logits = self.itm(torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs]),
                           torch.cat([p[2] for p in pairs]))
         labels = torch.cat([torch.full((p[0].shape[0],), p[3], dtype=torch.long) for p in pairs]).to(logits.device)
-        return F.cross_entropy(logits, labels)
+        return F.cross_entropy(logits, labels), pos_prob

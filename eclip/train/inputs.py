@@ -112,14 +112,17 @@ def read_splits(cfg: TrainConfig):
         train = _stream(cfg, keys, explanations)
     else:
         train = read_dataset(cfg.dataset, root, cfg.train_split, explanations, image_folder=cfg.image_folder,
-                             columns=keys)
+                             columns=keys, protocol=cfg.protocol)
     skipped = getattr(train, "skipped", [])      # samples the reader left out: the trainer logs them
     if cfg.no_val:
         val = []
     elif cfg.val_fraction is not None:
         train, val = hold_out(train, cfg.val_fraction)
     else:
-        val = read_dataset(cfg.val_dataset, root, cfg.val_split, image_folder=cfg.image_folder, columns=keys)
+        # the paper's GoodNews val leaves out pairs without an explanation: it needs them to know which
+        paper_goodnews = cfg.protocol == "paper" and str(cfg.val_dataset).lower() == "goodnews"
+        val = read_dataset(cfg.val_dataset, root, cfg.val_split, explanations if paper_goodnews else None,
+                           image_folder=cfg.image_folder, columns=keys, protocol=cfg.protocol)
         if not val:
             raise EclipError(f"{cfg.val_dataset}: no validation pairs")
     if len(train) < cfg.batch_size:

@@ -20,7 +20,7 @@ from eclip.train.record import Recorder, announce, plot_curves
 from eclip.train.rundir import RunDir, with_absolute_paths
 from eclip.train.step import clamp_logit_scale, common_batch, forward_backward, negatives_generator
 
-LOSSES = ("loss", "vtc", "gfm", "vtc_star")
+LOSSES = ("loss", "vtc", "gfm", "vtc_star", "pos_prob")   # pos_prob: GI-ITM's softmax mass on the positive
 
 
 def train(cfg: TrainConfig, resume: bool = False, splits=None) -> dict:

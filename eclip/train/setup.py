@@ -58,7 +58,7 @@ def build_model(cfg: TrainConfig):
     """The EntityCLIP to train, in fp32 on the CPU (Accelerate moves it and handles precision)."""
     from eclip.model.factory import load_model
     spec = replace(cfg.model_spec(), device="cpu", precision="fp32")
-    loss = {k: v for k, v in (("eta", cfg.eta), ("lam", cfg.lam)) if v is not None}
+    loss = {k: v for k, v in (("eta", cfg.eta), ("lam", cfg.lam), ("negatives", cfg.negatives)) if v is not None}
     counts = {k: v for k, v in (("n_vision", cfg.vision_experts), ("n_text", cfg.text_experts),
                                 ("n_shared", cfg.shared_experts)) if v is not None}
     if spec.checkpoint:
