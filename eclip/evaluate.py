@@ -34,7 +34,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Sequence
 
 from eclip.data.members import image_sha256, is_address
 from eclip.errors import EclipError
