@@ -339,3 +339,26 @@ def test_an_empty_output_folder_is_filled(tmp_path, checkpoint):
     (tmp_path / "empty").mkdir()
     ok("export", checkpoint[0], "--output", tmp_path / "empty")
     assert (tmp_path / "empty" / "open_clip_model.safetensors").is_file()
+
+
+def test_eclip_match_and_evaluate_give_the_checkpoints_scores_from_the_exported_folder(exported, checkpoint,
+                                                                                       real_images, tmp_path):
+    """The round trip for the commands that score: `match --model local-dir:DIR` ranks the captions with
+    the checkpoint's scores, and `evaluate` gives the checkpoint's recalls."""
+    import json
+    photo, captions = real_images["coffee"], ["an astronaut", "a rocket", "a cup of coffee", "a cat"]
+    scores = {}
+    for name, options in {"checkpoint": ["--checkpoint", checkpoint[0]],
+                          "folder": ["--model", f"local-dir:{exported['open-clip']}"]}.items():
+        data = json.loads(ok("match", *options, photo, *captions, "--json").stdout)
+        scores[name] = {m["text"]: m["score"] for m in data["results"][0]["matches"]}
+    assert scores["folder"].keys() == scores["checkpoint"].keys()
+    np.testing.assert_allclose([scores["folder"][c] for c in captions], [scores["checkpoint"][c] for c in captions],
+                               atol=1e-5)
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"image": str(p), "text": f"a photo called {n}"}) + "\n"
+                             for n, p in real_images.items()))
+    recalls = [json.loads(ok("evaluate", *options, "--dataset", pairs, "--json").stdout)
+               for options in (["--checkpoint", checkpoint[0]], ["--model", f"local-dir:{exported['open-clip']}"])]
+    assert recalls[0]["text_to_image"] == recalls[1]["text_to_image"]
+    assert recalls[0]["image_to_text"] == recalls[1]["image_to_text"]
