@@ -24,7 +24,8 @@ TRAINER = "trainer.json"          # inside each state: step, epoch, best so far,
 _NAME = re.compile(r"step-(\d+)")
 
 # Options that may differ when a run is resumed; the rest define the run and must not change.
-RESUMABLE = {"epochs", "workers", "eval_every", "save_every", "log_every", "device", "tensorboard"}
+RESUMABLE = {"epochs", "workers", "eval_every", "save_every", "log_every", "device", "tensorboard",
+             "grad_checkpointing", "accum_freq", "compile"}     # memory and speed only: same results
 FLAG = {"lam": "--lambda", "output": "--output"}
 
 
