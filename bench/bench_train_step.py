@@ -17,8 +17,7 @@ wall time x threads on an idle machine). Peak memory is
 the CUDA peak on a GPU, else the peak resident set size of the child (ru_maxrss) and its rise
 above the resting size before the first step.
 
-A variant name may carry options: "+gc" --grad-checkpointing, "+acc4" --accum-freq 4, "+compile"
---compile (e.g. --variants plain,entityclip,entityclip+gc). The variant "open_clip_train" runs open_clip's
+A variant name may carry options: "+gc" --grad-checkpointing, "+acc4" --accum-freq 4 (e.g. --variants plain,entityclip,entityclip+gc). The variant "open_clip_train" runs open_clip's
 own training script (python -m open_clip_train.main, synthetic data, same model, batch, precision and
 device) and reads its per-step samples/s; its data loading is inside its step time, eclip's synthetic
 batch is not, so compare it with a GPU and enough --oc-workers.
@@ -41,7 +40,6 @@ import sys
 import time
 
 VARIANTS = ("plain", "plain+expl", "entityclip")
-OPTIONS = {"gc": "--grad-checkpointing", "compile": "--compile"}   # and accN: --accum-freq N
 
 
 def variant_options(variant: str) -> tuple[str, dict]:
@@ -53,14 +51,12 @@ def variant_options(variant: str) -> tuple[str, dict]:
     for extra in extras:
         if extra == "gc":
             options["grad_checkpointing"] = True
-        elif extra == "compile":
-            options["compile"] = True
         elif extra.startswith("acc") and extra[3:].isdigit():
             options["accum_freq"] = int(extra[3:])
         else:
-            raise SystemExit(f"variant {variant}: unknown option +{extra} (gc, accN, compile)")
+            raise SystemExit(f"variant {variant}: unknown option +{extra} (gc, accN)")
     if base not in VARIANTS:
-        raise SystemExit(f"variant {variant}: one of {', '.join(VARIANTS)} (with +gc, +accN, +compile) "
+        raise SystemExit(f"variant {variant}: one of {', '.join(VARIANTS)} (with +gc, +accN) "
                          f"or open_clip_train")
     return base, options
 
@@ -71,7 +67,7 @@ def child(args) -> dict:
     from eclip.config import ExpertConfig, TrainConfig
     from eclip.model.factory import load_model
     from eclip.train.setup import make_accelerator, make_optimizer
-    from eclip.train.towers import apply_tower_options, compile_model
+    from eclip.train.towers import apply_tower_options
     from eclip.train.step import clamp_logit_scale, forward_backward, negatives_generator
 
     if args.threads:
@@ -85,8 +81,6 @@ def child(args) -> dict:
     experts = ExpertConfig(enabled=base == "entityclip")
     model = load_model(model=args.model, pretrained="none", device="cpu", experts=experts)
     apply_tower_options(model, cfg)
-    if cfg.compile:
-        compile_model(model)
     size = model.config.preprocess["size"]
     size = size if isinstance(size, int) else size[0]
     captions = [f"Crowds greet the president of country {i} at the summit in its capital city" for i in
@@ -279,9 +273,10 @@ def main():
         sys.exit(f"out of memory: {', '.join(v for v, r in results.items() if r is None)}")
     base_name = variants[0]
     base = results[base_name]
-    print(f"model {args.model} (random weights, {base['parameters_m']:.1f}M parameters), "
-          f"batch {args.batch}, {args.precision}, {base['device']}, {base['threads']} threads; "
-          f"median of {args.steps} steps after {args.warmup} warm-up; memory: {base['memory']}; "
+    eclip = next((r for r in results.values() if r["threads"] is not None), base)   # not open_clip_train
+    print(f"model {args.model} (random weights, {eclip['parameters_m']:.1f}M parameters in {eclip['variant']}), "
+          f"batch {args.batch}, {args.precision}, {eclip['device']}, {eclip['threads']} threads; "
+          f"median of {args.steps} steps after {args.warmup} warm-up; memory: {eclip['memory']}; "
           f"ratios against {base_name}")
     print(f"{'variant':20s} {'step s':>8s} {'ratio':>6s} {'cpu s':>8s} {'ratio':>6s} {'peak MB':>9s} "
           f"{'ratio':>6s} {'rise MB':>9s} {'ratio':>6s} {'pairs/s':>8s}")
@@ -292,6 +287,10 @@ def main():
         print(f"{v:20s} {r['median_s']:8.3f} {r['median_s'] / base['median_s']:6.2f} {r['cpu_s']:8.3f} "
               f"{r['cpu_s'] / base['cpu_s']:6.2f} {r['peak_mb']:9.0f} {r['peak_mb'] / base['peak_mb']:6.2f} "
               f"{rise:9.0f} {rise / base_rise:6.2f} {args.batch / r['median_s']:8.1f}")
+    if "open_clip_train" in results and "plain" in results:
+        speed = results["open_clip_train"]["median_s"] / results["plain"]["median_s"]
+        print(f"--no-experts samples/s / open_clip_train samples/s: {speed:.2f}x (goal >= 0.95x: "
+              f"{'met' if speed >= 0.95 else 'NOT met'})")
     if "entityclip" in results and "plain" in results:
         full, plain = results["entityclip"], results["plain"]
         ratio, memory = full["median_s"] / plain["median_s"], full["peak_mb"] / plain["peak_mb"]

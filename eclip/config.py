@@ -197,7 +197,6 @@ class TrainConfig:
     lock_image_freeze_bn_stats: bool = False   # frozen batch-norm layers keep their running statistics
     grad_checkpointing: bool = False      # recompute tower blocks and experts in backward: less memory
     accum_freq: int = 1                   # compute each batch in this many micro-batches, same loss and gradient
-    compile: bool = False                 # torch.compile the towers
     eta: Optional[float] = None           # None: LossConfig's default (or the checkpoint's)
     lam: Optional[float] = None
     vision_experts: Optional[int] = None  # None: ExpertConfig's default (or the checkpoint's)

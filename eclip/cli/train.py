@@ -100,8 +100,6 @@ def train(
     lock_image_freeze_bn_stats: Annotated[OptBool, _opt(
         MEM, None, "Also freeze the running statistics of a locked image tower's batch norms (ResNet, timm).",
         "--lock-image-freeze-bn-stats")] = None,
-    compile_model: Annotated[OptBool, _opt(MEM, None, "torch.compile the towers and the objective (off by "
-                                                      "default: compiling takes minutes).", "--compile")] = None,
     eta: Annotated[OptFloat, _float(EXP, "0.1", "Weight of the GI-ITM matching loss.", min=0.0)] = None,
     lam: Annotated[OptFloat, _float(EXP, "0.1", "Weight of VTC on the experts' V*, T*.", "--lambda",
                                   min=0.0)] = None,
@@ -149,7 +147,7 @@ def train(
             "lock_image_unlocked_groups": lock_image_unlocked_groups,
             "lock_text_unlocked_layers": lock_text_unlocked_layers,
             "lock_image_freeze_bn_stats": lock_image_freeze_bn_stats, "grad_checkpointing": grad_checkpointing,
-            "accum_freq": accum_freq, "compile": compile_model,
+            "accum_freq": accum_freq,
             "vision_experts": vision_experts, "text_experts": text_experts, "shared_experts": shared_experts,
             "no_experts": no_experts, "augment": AUGMENT if augment else None, "select_by": select_by,
             "workers": workers, "eval_every": eval_every, "save_every": save_every,

@@ -25,7 +25,7 @@ _NAME = re.compile(r"step-(\d+)")
 
 # Options that may differ when a run is resumed; the rest define the run and must not change.
 RESUMABLE = {"epochs", "workers", "eval_every", "save_every", "log_every", "device", "tensorboard",
-             "grad_checkpointing", "accum_freq", "compile"}     # memory and speed only: same results
+             "grad_checkpointing", "accum_freq"}     # memory and speed only: same results
 FLAG = {"lam": "--lambda", "output": "--output"}
 
 

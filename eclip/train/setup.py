@@ -68,10 +68,8 @@ def build_model(cfg: TrainConfig):
         _adopt(model, cfg, counts, loss)
     else:
         model = load_model(spec, experts=ExpertConfig(**counts, enabled=not cfg.no_experts), loss=LossConfig(**loss))
-    from eclip.train.towers import apply_tower_options, compile_model
+    from eclip.train.towers import apply_tower_options
     apply_tower_options(model, cfg)      # --lock-*, --grad-checkpointing
-    if cfg.compile:
-        compile_model(model)
     return model
 
 

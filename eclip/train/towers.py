@@ -140,10 +140,3 @@ def _checkpoint_towers(clip, text) -> None:
     else:
         clip.transformer.grad_checkpointing = True
 
-
-def compile_model(model) -> None:
-    """--compile: torch.compile the towers' pass and the objective, in place (the modules and their
-    state-dict keys stay as they are, so checkpoints do not change)."""
-    import torch
-    model.tower_outputs = torch.compile(model.tower_outputs)
-    model.objective = torch.compile(model.objective)
