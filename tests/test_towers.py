@@ -98,3 +98,54 @@ def test_resnet_towers_cannot_be_partly_locked_or_checkpointed():
         check_tower_options(TrainConfig(output="-", grad_checkpointing=True), rn50)
     check_tower_options(TrainConfig(output="-", grad_checkpointing=True, lock_image=True,
                                     lock_image_freeze_bn_stats=True), rn50)    # a locked ResNet: fine
+
+
+def expert_by_expert_losses(model, images, captions, explanations, generator):
+    """The objective as it was computed before the experts ran by group: every ExpertBlock alone,
+    each pair's expert outputs assembled one use at a time (one process)."""
+    import torch.nn.functional as F
+
+    from eclip.model.backbone import image_tokens, text_tokens
+    from eclip.model.loss import vtc_loss
+    ex, b, scale = model.experts, len(images), model.logit_scale
+    v_tok, v_cls = image_tokens(model.clip, images)
+    t_all, t_pool, _, pad_all = text_tokens(model.clip, torch.cat([captions, explanations]))
+    t_tok, e_tok, t_cls, t_pad, e_pad = t_all[:b], t_all[b:], t_pool[:b], pad_all[:b], pad_all[b:]
+
+    def run(blocks, query, keys, pad):
+        return torch.stack([blk(query, keys, pad) for blk in blocks], dim=1)
+    vision, text = run(ex.vision, v_cls, v_tok, None), run(ex.text, t_cls, t_tok, t_pad)
+    image_side = torch.cat([vision, run(ex.shared, v_cls, e_tok, e_pad)], dim=1)
+    text_side = torch.cat([text, run(ex.shared, t_cls, e_tok, e_pad)], dim=1)
+    vtc = vtc_loss(F.normalize(v_cls, dim=-1), F.normalize(t_cls, dim=-1), scale)
+    vtc_star = vtc_loss(ex.gated(image_side, v_cls, ex.image_gate), ex.gated(text_side, t_cls, ex.text_gate), scale)
+    neg_text, neg_image = model._hard_negatives(v_cls, t_cls, v_cls, t_cls, None, generator, scale)
+    v, t, outputs, labels = [v_cls], [t_cls], [torch.cat([image_side, text_side], dim=1)], [1] * b
+    for i in range(b):
+        j, k = int(neg_text[i]), int(neg_image[i])       # every row of a batch of distinct pairs has both
+        v.append(v_cls[i:i + 1]), t.append(t_cls[j:j + 1])
+        outputs.append(torch.cat([vision[i:i + 1], run(ex.shared, v_cls[i:i + 1], e_tok[j:j + 1], e_pad[j:j + 1]),
+                                  text_side[j:j + 1]], dim=1))
+        v.append(v_cls[k:k + 1]), t.append(t_cls[i:i + 1])
+        outputs.append(torch.cat([vision[k:k + 1], run(ex.shared, v_cls[k:k + 1], e_tok[i:i + 1], e_pad[i:i + 1]),
+                                  text_side[i:i + 1]], dim=1))
+        labels += [0, 0]
+    logits = model.itm(torch.cat(v), torch.cat(t), torch.cat(outputs))
+    gfm = F.cross_entropy(logits, torch.tensor(labels))          # a mean: the order of the pairs is free
+    eta, lam = model.config.loss.eta, model.config.loss.lam
+    return {"loss": vtc + eta * gfm + lam * vtc_star, "vtc": vtc, "gfm": gfm, "vtc_star": vtc_star}
+
+
+def test_the_objective_equals_the_expert_by_expert_computation(tiny_config_path):
+    """Losses and gradients of the grouped experts and the single shared pass = every expert alone."""
+    model = make_tiny(tiny_config_path)
+    images, captions, explanations = batch(model)
+    out = model(images, captions, explanations, generator=torch.Generator().manual_seed(0))
+    out["loss"].backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    want = expert_by_expert_losses(model, images, captions, explanations, torch.Generator().manual_seed(0))
+    want["loss"].backward()
+    torch.testing.assert_close({k: v.detach() for k, v in out.items()}, {k: v.detach() for k, v in want.items()},
+                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads, {n: p.grad for n, p in model.named_parameters()}, rtol=1e-5, atol=1e-6)

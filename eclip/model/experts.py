@@ -64,30 +64,32 @@ def _normalise(x: torch.Tensor) -> torch.Tensor:
 
 
 def group_keys_values(blocks: nn.ModuleList, keys: torch.Tensor) -> torch.Tensor:
-    """keys [B, L, D] -> every expert's keys and values [B, L, n, 2, D] in one matmul.
+    """keys [B, L, D] -> every expert's keys and values [B, L, 2, n, D] in one matmul.
 
     ln(x) = x_hat * g + b, so W ln(x) + c = (W * g) x_hat + (W b + c): each expert's norm is
-    folded into its projection and x_hat is computed once for the group."""
+    folded into its projection and x_hat is computed once for the group. Keys before values,
+    so each is a view with the experts' heads side by side (no copy for the attention)."""
     d = keys.shape[-1]
     weights, biases = [], []
-    for blk in blocks:
-        ln = blk.ln_context if blk.ln_context is not None else blk.ln_1
-        w, c = blk.attn.in_proj_weight[d:], blk.attn.in_proj_bias[d:]            # [2D, D], [2D]
-        weights.append(w * ln.weight)
-        biases.append(c + w @ ln.bias)
-    kv = F.linear(_normalise(keys), torch.cat(weights), torch.cat(biases))       # [B, L, n*2D]
-    return kv.view(*keys.shape[:2], len(blocks), 2, d)
+    for part in (slice(d, 2 * d), slice(2 * d, 3 * d)):                          # keys, then values
+        for blk in blocks:
+            ln = blk.ln_context if blk.ln_context is not None else blk.ln_1
+            w, c = blk.attn.in_proj_weight[part], blk.attn.in_proj_bias[part]    # [D, D], [D]
+            weights.append(w * ln.weight)
+            biases.append(c + w @ ln.bias)
+    kv = F.linear(_normalise(keys), torch.cat(weights), torch.cat(biases))       # [B, L, 2*n*D]
+    return kv.view(*keys.shape[:2], 2, len(blocks), d)
 
 
 def group_attend(blocks: nn.ModuleList, query: torch.Tensor, kv: torch.Tensor, key_padding=None) -> torch.Tensor:
-    """query [M, Q, D] (Q queries read against the same keys), kv [M, L, n, 2, D] from
+    """query [M, Q, D] (Q queries read against the same keys), kv [M, L, 2, n, D] from
     `group_keys_values`, key_padding [M, L] True = ignore -> [M, Q, n, D]: each expert's block output."""
     (m, q_len, d), n, h = query.shape, len(blocks), blocks[0].attn.num_heads
     length = kv.shape[1]
     w_q = torch.cat([blk.attn.in_proj_weight[:d] * blk.ln_1.weight for blk in blocks])          # [n*D, D]
     b_q = torch.cat([blk.attn.in_proj_bias[:d] + blk.attn.in_proj_weight[:d] @ blk.ln_1.bias for blk in blocks])
     q = F.linear(_normalise(query), w_q, b_q).view(m, q_len, n * h, d // h).transpose(1, 2)  # [M, n*h, Q, d/h]
-    k, v = (kv[:, :, :, i].reshape(m, length, n * h, d // h).transpose(1, 2) for i in (0, 1))
+    k, v = (kv[:, :, i].reshape(m, length, n * h, d // h).transpose(1, 2) for i in (0, 1))   # views
     mask = None if key_padding is None else ~key_padding[:, None, None, :]                   # True = attend
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)                            # [M, n*h, Q, d/h]
     out = out.transpose(1, 2).reshape(m, q_len, n, d)
@@ -146,7 +148,7 @@ class MultimodalExperts(nn.Module):
         return self._self_attention(self.text, t_eot, t_tokens, t_padding)
 
     def shared_keys_values(self, e_tokens) -> torch.Tensor:
-        """Every shared expert's keys and values of the explanation tokens E [B, L, D]: [B, L, n, 2, D]."""
+        """Every shared expert's keys and values of the explanation tokens E [B, L, D]: [B, L, 2, n, D]."""
         return group_keys_values(self.shared, e_tokens)
 
     def shared_outputs(self, query, e_kv, e_padding, rows=None):
