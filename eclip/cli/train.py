@@ -87,7 +87,7 @@ def train(
                                                  "(the towers run twice). Must divide --batch-size.", min=1)] = None,
     grad_checkpointing: Annotated[OptBool, _opt(
         MEM, None, "Recompute the towers' blocks and the experts in the backward pass: far less activation "
-        "memory, the same results, about a third more time.", "--grad-checkpointing")] = None,
+        "memory, the same results, one more forward pass of each.", "--grad-checkpointing")] = None,
     seed: Annotated[OptInt, _int(OPT, "42")] = None,
     lock_image: Annotated[OptBool, _opt(OPT, None, "Freeze the image tower.", "--lock-image")] = None,
     lock_text: Annotated[OptBool, _opt(OPT, None, "Freeze the text tower.", "--lock-text")] = None,
