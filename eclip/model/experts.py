@@ -63,22 +63,30 @@ def _normalise(x: torch.Tensor) -> torch.Tensor:
     return F.layer_norm(x.float(), x.shape[-1:]).to(x.dtype)
 
 
+def _stack(blocks, get) -> torch.Tensor:
+    """One parameter of every expert of a group, stacked: [n, ...]."""
+    return torch.stack([get(b) for b in blocks])
+
+
+def _folded(weight: torch.Tensor, bias: torch.Tensor, gain: torch.Tensor, shift: torch.Tensor):
+    """Per expert, Linear(LayerNorm(x)) as a Linear of the un-affine-normalised x:
+    W (x_hat * g + s) + c = (W * g) x_hat + (W s + c). weight [n, O, D], bias [n, O], gain/shift [n, D]."""
+    return weight * gain[:, None, :], bias + torch.einsum("nod,nd->no", weight, shift)
+
+
 def group_keys_values(blocks: nn.ModuleList, keys: torch.Tensor) -> torch.Tensor:
     """keys [B, L, D] -> every expert's keys and values [B, L, 2, n, D] in one matmul.
 
-    ln(x) = x_hat * g + b, so W ln(x) + c = (W * g) x_hat + (W b + c): each expert's norm is
-    folded into its projection and x_hat is computed once for the group. Keys before values,
-    so each is a view with the experts' heads side by side (no copy for the attention)."""
-    d = keys.shape[-1]
-    weights, biases = [], []
-    for part in (slice(d, 2 * d), slice(2 * d, 3 * d)):                          # keys, then values
-        for blk in blocks:
-            ln = blk.ln_context if blk.ln_context is not None else blk.ln_1
-            w, c = blk.attn.in_proj_weight[part], blk.attn.in_proj_bias[part]    # [D, D], [D]
-            weights.append(w * ln.weight)
-            biases.append(c + w @ ln.bias)
-    kv = F.linear(_normalise(keys), torch.cat(weights), torch.cat(biases))       # [B, L, 2*n*D]
-    return kv.view(*keys.shape[:2], 2, len(blocks), d)
+    Each expert's norm is folded into its projection (`_folded`), so x_hat is computed once for
+    the group. Keys before values, so each is a view with the experts' heads side by side."""
+    d, n = keys.shape[-1], len(blocks)
+    norm = [b.ln_context if b.ln_context is not None else b.ln_1 for b in blocks]
+    w, c = _folded(_stack(blocks, lambda b: b.attn.in_proj_weight[d:]),
+                   _stack(blocks, lambda b: b.attn.in_proj_bias[d:]),
+                   torch.stack([ln.weight for ln in norm]), torch.stack([ln.bias for ln in norm]))   # [n, 2D, D]
+    w = w.view(n, 2, d, d).transpose(0, 1).reshape(2 * n * d, d)                                 # keys, then values
+    c = c.view(n, 2, d).transpose(0, 1).reshape(2 * n * d)
+    return F.linear(_normalise(keys), w, c).view(*keys.shape[:2], 2, n, d)
 
 
 def group_attend(blocks: nn.ModuleList, query: torch.Tensor, kv: torch.Tensor, key_padding=None) -> torch.Tensor:
@@ -86,28 +94,26 @@ def group_attend(blocks: nn.ModuleList, query: torch.Tensor, kv: torch.Tensor, k
     `group_keys_values`, key_padding [M, L] True = ignore -> [M, Q, n, D]: each expert's block output."""
     (m, q_len, d), n, h = query.shape, len(blocks), blocks[0].attn.num_heads
     length = kv.shape[1]
-    w_q = torch.cat([blk.attn.in_proj_weight[:d] * blk.ln_1.weight for blk in blocks])          # [n*D, D]
-    b_q = torch.cat([blk.attn.in_proj_bias[:d] + blk.attn.in_proj_weight[:d] @ blk.ln_1.bias for blk in blocks])
-    q = F.linear(_normalise(query), w_q, b_q).view(m, q_len, n * h, d // h).transpose(1, 2)  # [M, n*h, Q, d/h]
-    k, v = (kv[:, :, i].reshape(m, length, n * h, d // h).transpose(1, 2) for i in (0, 1))   # views
-    mask = None if key_padding is None else ~key_padding[:, None, None, :]                   # True = attend
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)                            # [M, n*h, Q, d/h]
+    w_q, b_q = _folded(_stack(blocks, lambda b: b.attn.in_proj_weight[:d]),
+                       _stack(blocks, lambda b: b.attn.in_proj_bias[:d]),
+                       _stack(blocks, lambda b: b.ln_1.weight), _stack(blocks, lambda b: b.ln_1.bias))
+    q = F.linear(_normalise(query), w_q.reshape(n * d, d), b_q.reshape(n * d))
+    q = q.view(m, q_len, n * h, d // h).transpose(1, 2)                                          # [M, n*h, Q, d/h]
+    k, v = (kv[:, :, i].reshape(m, length, n * h, d // h).transpose(1, 2) for i in (0, 1))       # views
+    mask = None if key_padding is None else ~key_padding[:, None, None, :]                       # True = attend
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)                                # [M, n*h, Q, d/h]
     out = out.transpose(1, 2).reshape(m, q_len, n, d)
-    x = query[:, :, None] + _per_expert_linear(out, [blk.attn.out_proj for blk in blocks])
+    x = query[:, :, None] + _per_expert_linear(out, blocks, lambda b: b.attn.out_proj)
     y = _normalise(x) * _stack(blocks, lambda b: b.ln_2.weight) + _stack(blocks, lambda b: b.ln_2.bias)
-    y = _per_expert_linear(y, [blk.mlp[0] for blk in blocks])
-    y = y * torch.sigmoid(1.702 * y)                                                         # QuickGELU
-    return x + _per_expert_linear(y, [blk.mlp[2] for blk in blocks])
+    y = _per_expert_linear(y, blocks, lambda b: b.mlp[0])
+    y = y * torch.sigmoid(1.702 * y)                                                             # QuickGELU
+    return x + _per_expert_linear(y, blocks, lambda b: b.mlp[2])
 
 
-def _stack(blocks, get) -> torch.Tensor:
-    return torch.stack([get(b) for b in blocks])
-
-
-def _per_expert_linear(x: torch.Tensor, linears) -> torch.Tensor:
-    """x [..., n, D_in] -> [..., n, D_out]: expert i's Linear on slot i, one batched matmul."""
-    w = torch.stack([lin.weight for lin in linears])                                         # [n, out, in]
-    return torch.einsum("...ni,noi->...no", x, w) + torch.stack([lin.bias for lin in linears])
+def _per_expert_linear(x: torch.Tensor, blocks, get) -> torch.Tensor:
+    """x [..., n, D_in] -> [..., n, D_out]: expert i's Linear `get(block i)` on slot i, one batched matmul."""
+    w = _stack(blocks, lambda b: get(b).weight)                                                  # [n, out, in]
+    return torch.einsum("...ni,noi->...no", x, w) + _stack(blocks, lambda b: get(b).bias)
 
 
 class MultimodalExperts(nn.Module):
