@@ -20,7 +20,8 @@ wall time x threads on an idle machine). Peak memory is
 the CUDA peak on a GPU, else the peak resident set size of the child (ru_maxrss) and its rise
 above the resting size before the first step.
 
-A variant name may carry options: "+gc" --grad-checkpointing, "+acc4" --accum-freq 4 (e.g. --variants plain,entityclip,entityclip+gc). The variant "open_clip_train" runs open_clip's
+A variant name may carry options: "+gc" --grad-checkpointing, "+acc4" --accum-freq 4
+(e.g. --variants plain,entityclip,entityclip+gc). The variant "open_clip_train" runs open_clip's
 own training script (python -m open_clip_train.main, synthetic data, same model, batch, precision and
 device) and reads its per-step samples/s; its data loading is inside its step time, eclip's synthetic
 batch is not, so compare it with a GPU and enough --oc-workers.
@@ -301,9 +302,12 @@ def main():
             expl = results["plain+expl"]["median_s"]
             print(f"explanation pass: {expl - plain['median_s']:+.3f} s; experts + GI-ITM + VTC*: "
                   f"{full['median_s'] - expl:+.3f} s")
-        goal = 1.4 if args.device.startswith("cuda") else 1.3
-        print(f"EntityCLIP / plain: step time {ratio:.2f}x wall, {full['cpu_s'] / plain['cpu_s']:.2f}x CPU time "
-              f"(goal <= {goal}x: {'met' if ratio <= goal else 'NOT met'}); peak memory {memory:.2f}x "
+        goal, cpu_ratio = (1.4 if args.device.startswith("cuda") else 1.3), full["cpu_s"] / plain["cpu_s"]
+        on_gpu = args.device.startswith("cuda")
+        judged = ratio if on_gpu else cpu_ratio          # CPU: wall time is noise on shared cores
+        print(f"EntityCLIP / plain: step time {ratio:.2f}x wall, {cpu_ratio:.2f}x CPU time "
+              f"(goal <= {goal}x {'wall' if on_gpu else 'CPU time'}: {'met' if judged <= goal else 'NOT met'}); "
+              f"peak memory {memory:.2f}x "
               f"(goal <= 1.3x: {'met' if memory <= 1.3 else 'NOT met'})")
     for v in variants:
         if "profile" in results[v]:
