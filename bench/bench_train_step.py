@@ -16,9 +16,9 @@ and a synthetic batch (77-token captions and explanations cost the same whatever
 
 so entityclip - plain+expl is the cost of the experts and the matching head. Wall time is
 reported with process CPU time beside it (steadier when other work shares the cores; equal to
-wall time x threads on an idle machine). Peak memory is
-the CUDA peak on a GPU, else the peak resident set size of the child (ru_maxrss) and its rise
-above the resting size before the first step.
+wall time x threads on an idle machine). Peak memory is the CUDA peak on a GPU; on CPU the peak
+resident set size of the timed steps (VmHWM, reset after warm-up, when the optimizer state exists;
+else the child's ru_maxrss), with its rise above the resting size before them.
 
 A variant name may carry options: "+gc" --grad-checkpointing, "+acc4" --accum-freq 4
 (e.g. --variants plain,entityclip,entityclip+gc). The variant "open_clip_train" runs open_clip's
