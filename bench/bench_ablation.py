@@ -3,6 +3,7 @@ it owe to its explanations and to each loss term?
 
     python bench/bench_ablation.py                    # the README's table: 3 seeds x 6 trained rows
     python bench/bench_ablation.py --quick            # 12 flags + 8 photos, 2 epochs, 2 seeds: a smoke run
+    python bench/bench_ablation.py --demo-rows        # only the demo's rows: the seed spread it prints
 
 Rows: the untrained model; plain CLIP fine-tuning (--no-experts); EntityCLIP with (a) the embedded
 LLM's explanations (the cache examples/explanations/ ships, written by `eclip explain`), (b) the
@@ -17,6 +18,9 @@ last checkpoint (the demo's fixed budget), and text->image R@1 of the checkpoint
 validation rsum (what `eclip train` saves as best.safetensors); and per seed, the demo's step 5 on
 the last checkpoint: how many named photographs rank their true caption first, on the test views
 and on the val views (so a photograph missed on test can be told from a pattern validation shows).
+
+The demo's two rows per seed go to examples/ablation-spread.json (examples/seed_spread.py), which the
+demo reads to say whether its own run's gap lies inside the seed spread.
 
 Results are appended to OUTPUT/results.jsonl as each run finishes; a re-run skips what is there
 (and resumes a run that was killed half-way).
@@ -44,20 +48,29 @@ ROWS = {   # name -> what differs from the demo's EntityCLIP run (None: not trai
     "EntityCLIP (c) appearance explanations": {"explanations": "appearance"},
     "EntityCLIP (a), eta = 0": {"explanations": "llm", "eta": 0.0},
     "EntityCLIP (a), lambda = 0": {"explanations": "llm", "lam": 0.0},
+    "EntityCLIP (a), --negatives reference": {"explanations": "llm", "negatives": "reference"},
 }
+
+DEMO_ROWS = ("untrained (random init)", "CLIP fine-tuned (--no-experts)", "EntityCLIP (a) LLM explanations")
 
 
 def main(argv=None) -> int:
     import demo   # examples/demo.py: the settings this table explains
+    from seed_spread import SPREAD_FILE, write_spread
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--output", default="bench-out/ablation", help="folder for data, runs and results")
     ap.add_argument("--seeds", default=None, help="comma-separated (default: 42,43,44; --quick: 42,43)")
     ap.add_argument("--quick", action="store_true", help="a few flags, 2 epochs, 2 seeds")
+    ap.add_argument("--minilm", action="store_true", help="the demo's --minilm model (pretrained text tower, locked)")
+    ap.add_argument("--demo-rows", action="store_true",
+                    help="only the rows the demo shows (untrained, --no-experts, EntityCLIP (a)): its seed spread")
+    ap.add_argument("--rows", default=None, help="only the rows whose names contain one of these comma-separated "
+                                                  "words (e.g. 'LLM explanations,negatives reference')")
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                     help="training runs at once, one core each (default: 2, or 1 on one core)")
     args = ap.parse_args(argv)
-    settings = demo.QUICK if args.quick else demo.FULL
+    settings = {**(demo.QUICK if args.quick else demo.FULL), **(demo.MINILM if args.minilm else {})}
     seeds = [int(s) for s in (args.seeds or ("42,43" if args.quick else "42,43,44")).split(",")]
     out = Path(args.output).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -87,19 +100,22 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(1)
     jobs, row_seed = {}, {}      # progress-bar name -> (eclip train arguments, run dir); -> (row, seed)
+    wanted = [w.strip().lower() for w in args.rows.split(",")] if args.rows else None
     for seed in seeds:
         for row, change in ROWS.items():
-            if (row, seed) in done:
+            if (row, seed) in done or args.demo_rows and row not in DEMO_ROWS \
+                    or wanted and not any(w in row.lower() for w in wanted):
                 continue
             if change is None:
                 t0 = time.perf_counter()
-                record(row, seed, untrained(data, seed), time.perf_counter() - t0)
+                record(row, seed, untrained(data, seed, settings), time.perf_counter() - t0)
                 continue
             explanations = change.get("explanations")
             run, name = out / "runs" / f"{_slug(row)}-{seed}", f"{row} | seed {seed}"
             jobs[name] = (demo.train_args(settings, data, run, seed=seed, no_experts=change.get("no_experts", False),
                                           explanations=caches[explanations] if explanations else None,
-                                          eta=change.get("eta"), lam=change.get("lam")), run)
+                                          eta=change.get("eta"), lam=change.get("lam"),
+                                          negatives=change.get("negatives")), run)
             row_seed[name] = (row, seed)
 
     def finished(name, summary):
@@ -117,16 +133,21 @@ def main(argv=None) -> int:
     machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
                f"{torch.__version__}, {args.jobs} runs at once with one torch thread each; load average "
                f"{load_before[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end")
-    print(table(rows, seeds, settings, machine, time.perf_counter() - started, args.quick))
+    flags = "".join(f" --{name}" for name in ("minilm", "demo-rows") if getattr(args, name.replace("-", "_")))
+    print(table(rows, seeds, settings, machine, time.perf_counter() - started, args.quick, flags))
+    # the demo's two rows per seed, which examples/demo.py prints its own run beside (--quick: kept in OUTPUT)
+    spread = write_spread(out / SPREAD_FILE.name if args.quick else SPREAD_FILE, rows, settings, seeds, machine)
+    print(f"seed spread for the demo: {'written' if spread else 'not written (rows missing)'}", file=sys.stderr)
     return 0
 
 
-def untrained(data: Path, seed: int) -> dict:
+def untrained(data: Path, seed: int, settings: dict) -> dict:
     """The untrained row: the demo's model config, random weights from `seed`, on the test split."""
     import demo
     from eclip.evaluate import evaluate
     from eclip.model.factory import load_model
-    model = load_model(model=str(demo.MODEL_CFG), pretrained="none", device="cpu", seed=seed)
+    model = load_model(model=str(demo.HERE / settings.get("model", demo.MODEL_CFG.name)), pretrained="none",
+                       device="cpu", seed=seed)
     result = evaluate(dataset=str(data / "test.jsonl"), model=model)
     return {**_metrics(result), "best_t2i_r1": result["text_to_image"]["R@1"]}
 
@@ -161,12 +182,12 @@ def _metrics(result: dict) -> dict:
             "rsum": result["rsum"], "n_images": result["n_images"]}
 
 
-def table(rows: list, seeds: list, settings: dict, machine: str, seconds: float, quick: bool) -> str:
+def table(rows: list, seeds: list, settings: dict, machine: str, seconds: float, quick: bool, flags: str = "") -> str:
     """The markdown table for the README."""
     n = rows[0]["n_images"] if rows else 0
     lines = [f"Test split of the demo set: {n} images and captions (chance R@1 = {100 / max(n, 1):.1f}%). "
              f"Mean ± standard deviation over seeds {', '.join(map(str, seeds))}; every trained row: "
-             f"examples/tiny-vit.json from random weights, {settings['views'] - 2} training views per entity, "
+             f"{_model_words(settings)}, {settings['views'] - 2} training views per entity, "
              f"{settings['epochs']} epochs of batch "
              f"{settings['batch_size']}, lr {settings['lr']} (warm-up {settings['warmup_steps']} steps, cosine), "
              f"weight decay {settings['weight_decay']}, --augment, 2/2/2 experts; the last checkpoint, and in "
@@ -187,9 +208,15 @@ def table(rows: list, seeds: list, settings: dict, machine: str, seconds: float,
         photos += f" of {mine[0]['n_photos']}" if photos else ""
         lines.append(f"| {name} | {' | '.join(cells)} | {per_seed} | {photos} | "
                      f"{_mean_sd([r['best_t2i_r1'] for r in mine])} |")
-    command = "python bench/bench_ablation.py" + (" --quick" if quick else "")
+    command = "python bench/bench_ablation.py" + (" --quick" if quick else "") + flags
     lines += ["", f"`{command}`: {seconds / 60:.0f} min on {machine}."]
     return "\n".join(lines)
+
+
+def _model_words(settings: dict) -> str:
+    model = f"examples/{settings.get('model', 'tiny-vit.json')}"
+    return (f"{model} (text tower pretrained and locked, the rest from random weights)" if settings.get("lock_text")
+            else f"{model} from random weights")
 
 
 def _mean_sd(values: list) -> str:

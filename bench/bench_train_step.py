@@ -28,6 +28,13 @@ batch is not, so compare it with a GPU and enough --oc-workers.
 --memory-budget GB finds, per variant, the largest batch whose peak memory (CUDA max allocated, or
 peak RSS on CPU) stays within GB: doubling from --batch, then bisecting, one child process a try.
 
+With --lock-text (issue 29: a locked tower runs once per distinct input) it compares two EntityCLIP
+steps with the text tower locked instead, on the same batch every step (as every caption recurs
+every epoch): without the tower cache (the text tower runs every step) and with it, warm after the
+warm-up step (eclip/model/tower_cache.py). Goal: the cached step at least 3x faster.
+
+  python bench/bench_train_step.py --lock-text --model examples/minilm-vit.json --threads 1
+
 Run: python bench/bench_train_step.py [--model ViT-B-32] [--batch 16] [--steps 3] [--device cpu]
      python bench/bench_train_step.py --profile        # also where an EntityCLIP step spends its time
      python bench/bench_train_step.py --variants entityclip,entityclip+gc --batch 64 --steps 1
@@ -44,10 +51,13 @@ import sys
 import time
 
 VARIANTS = ("plain", "plain+expl", "entityclip")
+LOCKED = ("locked", "locked+cache")     # --lock-text: EntityCLIP steps, the text tower locked
 
 
 def variant_options(variant: str) -> tuple[str, dict]:
     """"entityclip+gc+acc4" -> ("entityclip", {"grad_checkpointing": True, "accum_freq": 4})."""
+    if variant in LOCKED:
+        return variant, {}
     base, *extras = variant.split("+")
     if base == "plain" and extras[:1] == ["expl"]:
         base, extras = "plain+expl", extras[1:]
@@ -82,9 +92,14 @@ def child(args) -> dict:
                       lock_text_unlocked_layers=args.lock_text_unlocked_layers, **options)
     acc = make_accelerator(cfg)
     torch.manual_seed(0)
-    experts = ExpertConfig(enabled=base == "entityclip")
+    experts = ExpertConfig(enabled=base in ("entityclip", *LOCKED))
     model = load_model(model=args.model, pretrained="none", device="cpu", experts=experts)
     apply_tower_options(model, cfg)
+    if base in LOCKED:
+        from eclip.model.tower_cache import training_towers
+        model.clip.lock_text_tower()
+        model.towers = training_towers(model.clip, 1024 if base == "locked+cache" else 0)
+        model.train()
     size = model.config.preprocess["size"]
     size = size if isinstance(size, int) else size[0]
     captions = [f"Crowds greet the president of country {i} at the summit in its capital city" for i in
@@ -258,11 +273,13 @@ def main():
     ap.add_argument("--max-batch", type=int, default=4096, help="--memory-budget stops doubling here")
     ap.add_argument("--oc-workers", type=int, default=4, help="data workers of the open_clip_train variant")
     ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--lock-text", action="store_true",
+                    help="compare a locked-text EntityCLIP step without and with the tower cache")
     args = ap.parse_args()
     if args.child:
         print(json.dumps(child(args)))
         return
-    variants = args.variants.split(",")
+    variants = list(LOCKED) if args.lock_text else args.variants.split(",")
     for v in variants:
         if v != "open_clip_train":
             variant_options(v)
@@ -275,6 +292,8 @@ def main():
     results = {v: run_variant(args, v) for v in variants}
     if any(r is None for r in results.values()):
         sys.exit(f"out of memory: {', '.join(v for v, r in results.items() if r is None)}")
+    if args.lock_text:
+        return print_locked(args, results)
     base_name = variants[0]
     base = results[base_name]
     eclip = next((r for r in results.values() if r["threads"] is not None), base)   # not open_clip_train
@@ -312,6 +331,19 @@ def main():
     for v in variants:
         if "profile" in results[v]:
             print(f"profile of {v}:\n{results[v]['profile']}")
+
+
+def print_locked(args, results: dict) -> None:
+    base, cached = results["locked"], results["locked+cache"]
+    print(f"model {args.model} (random weights), EntityCLIP with --lock-text, batch {args.batch}, {args.precision}, "
+          f"{base['device']}, {base['threads']} threads; median of {args.steps} steps after {args.warmup} warm-up "
+          f"(the cache is warm after it)")
+    for v in LOCKED:
+        r = results[v]
+        print(f"{v:13s} {r['median_s']:8.3f} s   cpu {r['cpu_s']:8.3f} s   peak {r['peak_mb']:7.0f} MB")
+    ratio, cpu = base["median_s"] / cached["median_s"], base["cpu_s"] / cached["cpu_s"]
+    print(f"tower cache speed-up: {ratio:.2f}x wall, {cpu:.2f}x CPU time "
+          f"(goal >= 3x: {'met' if ratio >= 3 else 'NOT met'})")
 
 
 if __name__ == "__main__":

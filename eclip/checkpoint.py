@@ -21,6 +21,24 @@ from eclip.errors import EclipError
 
 FORMAT = "eclip"
 MAX_HEADER = 100 << 20   # safetensors' own limit on the JSON header
+MAX_DEPTH = 32           # JSON nesting allowed in a header; an eclip config is about 5 levels deep
+
+
+def header_json(text):
+    """json.loads for header text, refusing nesting deeper than MAX_DEPTH with a ValueError (100,000
+    levels would otherwise raise RecursionError, or pass the parser and overflow later code)."""
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise ValueError(f"nested more than {MAX_DEPTH} levels deep") from None
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth > MAX_DEPTH:
+                raise ValueError(f"nested more than {MAX_DEPTH} levels deep")
+            stack.extend((v, depth + 1) for v in (item.values() if isinstance(item, dict) else item))
+    return value
 
 
 def sha256_file(path) -> str:
@@ -68,7 +86,7 @@ def read_safetensors_header(path) -> dict:
         n = struct.unpack("<Q", prefix)[0]
         if n > min(MAX_HEADER, size - 8):
             raise ValueError("header length out of range")
-        header = json.loads(f.read(n))
+        header = header_json(f.read(n))
     if not isinstance(header, dict):
         raise ValueError("header is not a JSON object")
     ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
@@ -97,7 +115,7 @@ def read_config(path):
     from eclip.config import EntityCLIPConfig, config_problem
     meta = read_header(path)
     try:
-        raw = json.loads(meta["config"])
+        raw = header_json(meta["config"])
     except ValueError as e:
         raise EclipError(f"{path}: the eclip header's config is not valid JSON ({e})") from None
     problem = config_problem(raw)

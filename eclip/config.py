@@ -46,11 +46,17 @@ class ExpertConfig:
     enabled: bool = True   # False: plain CLIP fine-tuning (the --no-experts baseline)
 
 
+# how GI-ITM draws its hard negatives: softmax over the non-positives (eclip), or the reference's
+# softmax with the positive zeroed and 1e-5 added to every weight (METHOD.md, "Where eclip differs")
+NEGATIVES = ("softmax", "reference")
+
+
 @dataclass
 class LossConfig:
     """L = VTC(V_cls, T_cls) + eta * L_GFM + lambda * VTC(V*, T*)."""
     eta: float = 0.1
     lam: float = 0.1
+    negatives: str = "softmax"          # GI-ITM's draw, one of NEGATIVES
 
 
 @dataclass
@@ -130,6 +136,8 @@ def config_problem(d) -> Optional[str]:
                 checks.append((f"{group}.{key}", is_int(value, fields[key]), f"an integer of at least {fields[key]}"))
             elif key == "enabled":
                 checks.append((f"{group}.{key}", isinstance(value, bool), "true or false"))
+            elif key == "negatives":
+                checks.append((f"{group}.{key}", value in NEGATIVES, f"one of {', '.join(NEGATIVES)}"))
             else:
                 checks.append((f"{group}.{key}", is_number(value) and value >= 0, "a number of at least 0"))
     for field_name, ok, expected in checks:
@@ -176,6 +184,10 @@ class TrainConfig:
     no_val: bool = False                  # no validation: best.safetensors is the last model
     explanations: Optional[str] = None    # `eclip explain` cache, or the authors' CapDsc_mistral file
     image_folder: Optional[str] = None    # a benchmark's image folder where it offers a choice (GoodNews: resized)
+    image_key: Optional[str] = None       # --image-key / --text-key / --id-key: fields of shards and tables
+    text_key: Optional[str] = None        # (eclip.data.shards.Columns)
+    id_key: Optional[str] = None
+    shuffle_buffer: Optional[int] = None  # read shards in a shuffled order through a buffer of N (eclip.data.stream)
     train_split: str = "train"
     val_split: str = "val"
     model: Optional[str] = None
@@ -197,8 +209,11 @@ class TrainConfig:
     lock_image_freeze_bn_stats: bool = False   # frozen batch-norm layers keep their running statistics
     grad_checkpointing: bool = False      # recompute tower blocks and experts in backward: less memory
     accum_freq: int = 1                   # compute each batch in this many micro-batches, same loss and gradient
+    tower_cache_mb: float = 1024          # a fully locked tower's outputs, kept per distinct input (0: off)
+    tower_cache_disk: bool = False        # also keep them in RUN_DIR/tower-cache/ (survives a resume)
     eta: Optional[float] = None           # None: LossConfig's default (or the checkpoint's)
     lam: Optional[float] = None
+    negatives: Optional[str] = None       # None: LossConfig's default (or the checkpoint's)
     vision_experts: Optional[int] = None  # None: ExpertConfig's default (or the checkpoint's)
     text_experts: Optional[int] = None
     shared_experts: Optional[int] = None
@@ -207,6 +222,7 @@ class TrainConfig:
                                           # AUGMENT); None: the eval transform, as in the reference
     workers: int = 4
     select_by: str = "rsum"               # one of SELECT_BY
+    protocol: Optional[str] = None        # "paper": the reference's readers (eclip.protocol); None: eclip's
     eval_every: int = 0                   # 0: validate at the end of each epoch only
     save_every: int = 0                   # 0: save the resumable state at the end of each epoch only
     log_every: int = 10

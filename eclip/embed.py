@@ -102,12 +102,13 @@ def text_inputs(arg) -> list[dict]:
 
 
 def dataset_inputs(dataset: str, data_root=None, split: str = "test",
-                   image_folder: str | None = None) -> tuple[list[dict], list[dict]]:
+                   image_folder: str | None = None, columns=None, records=None) -> tuple[list[dict], list[dict]]:
     """One image row per image file (in the order records first name it; id = its path, as with
     --images) and one text row per record with the record id and its image's path (the ground
     truth evaluate --embeddings rebuilds)."""
     from eclip.data.readers import read_dataset
-    records = read_dataset(dataset, data_root, split, image_folder=image_folder)
+    if records is None:
+        records = read_dataset(dataset, data_root, split, image_folder=image_folder, columns=columns)
     if not records:
         raise EclipError(f"--dataset {dataset}: no records in split {split}")
     images = [{"id": path, "path": path} for path in dict.fromkeys(r.image for r in records)]
@@ -119,7 +120,8 @@ def dataset_inputs(dataset: str, data_root=None, split: str = "test",
 def _image_fingerprint(item: dict) -> str:
     """What resume compares: the id, the path and the file's size and modification time."""
     try:
-        st = os.stat(item["path"])
+        from eclip.data.members import container_of
+        st = os.stat(container_of(item["path"]) or item["path"])   # a tar member: its shard's file
         stamp = f"{st.st_size}:{st.st_mtime_ns}"
     except OSError:
         stamp = "missing"
@@ -135,7 +137,8 @@ def _text_fingerprint(item: dict) -> str:
 def embed(spec, output, *, images=None, texts=None, dataset=None, data_root=None, split: str = "test",
           dtype: str = "fp16", shard_size: int = DEFAULT_SHARD_SIZE, batch_size: int = DEFAULT_BATCH_SIZE,
           workers: int | None = None, overwrite: bool = False, layout: str = "eclip",
-          engine: str | None = None, image_folder: str | None = None) -> dict:
+          engine: str | None = None, image_folder: str | None = None, columns=None,
+          shard_range: str | None = None) -> dict:
     """Embed images and/or captions into OUTPUT, in eclip's own layout (eclip.embedstore) or
     clip-retrieval's (eclip.clip_retrieval). Re-running resumes.
 
@@ -157,8 +160,24 @@ def embed(spec, output, *, images=None, texts=None, dataset=None, data_root=None
     if output.exists() and not output.is_dir():
         raise EclipError(f"--output {output}: exists and is not a folder")
 
+    partitions, read_errors = None, []
+    if shard_range and not dataset:
+        raise EclipError("--shards selects input webdataset shards of --dataset")
     if dataset:
-        image_items, text_items = dataset_inputs(dataset, data_root, split, image_folder)
+        from eclip.data.sources import check_source
+        records = None
+        if check_source(dataset) == "shards":   # one output partition per input shard (eclip.data.shards)
+            from eclip.data.shards import read_shards
+            records = read_shards(dataset, columns, shard_range)
+            read_errors = [s.to_log() for s in records.skipped]
+            if layout != "eclip" and shard_range:
+                raise EclipError("--shards writes eclip's layout (one partition per input shard); drop --format")
+        elif shard_range:
+            raise EclipError(f"--shards {shard_range}: --dataset {dataset} is not webdataset shards")
+        image_items, text_items = dataset_inputs(dataset, data_root, split, image_folder, columns, records)
+        if records is not None and layout == "eclip":
+            partitions = {"images": records.partitions(image_items, "path"),
+                          "texts": records.partitions(text_items, "image")}
         from eclip.data.readers import dataset_label
         name, named_split = dataset_label(dataset, split)
         source = {"dataset": name, "split": named_split, "data_root": str(data_root) if data_root else None}
@@ -177,7 +196,7 @@ def embed(spec, output, *, images=None, texts=None, dataset=None, data_root=None
     lock = lock_folder(output) if accelerator.is_main_process else None
     try:
         summary = _embed(spec, output, accelerator, started, image_items, text_items, pairs, source, dtype,
-                         shard_size, batch_size, workers, overwrite, engine)
+                         shard_size, batch_size, workers, overwrite, engine, partitions, read_errors)
         summary["texts_truncated"] = truncated
         return summary
     finally:
@@ -186,7 +205,7 @@ def embed(spec, output, *, images=None, texts=None, dataset=None, data_root=None
 
 
 def _embed(spec, output, accelerator, started, image_items, text_items, pairs, source, dtype, shard_size,
-           batch_size, workers, overwrite, engine=None) -> dict:
+           batch_size, workers, overwrite, engine=None, partitions=None, read_errors=()) -> dict:
     layout = "eclip" if pairs is None else clip_retrieval.LAYOUT
     there = clip_retrieval.layout_of(output) if output.is_dir() else None
     if there not in (None, layout) and not overwrite:
@@ -217,7 +236,8 @@ def _embed(spec, output, accelerator, started, image_items, text_items, pairs, s
     if pairs is not None:
         _embed_pairs(run, accelerator, pairs, shard_size, summary, model_spec=_recorded_spec(spec), source=source)
     else:
-        _embed_own(run, accelerator, image_items, text_items, shard_size, summary, _recorded_spec(spec), source)
+        _embed_own(run, accelerator, image_items, text_items, shard_size, summary, _recorded_spec(spec), source,
+                   partitions, read_errors)
     summary["seconds"]["total"] = time.perf_counter() - started
     return summary
 
@@ -247,15 +267,18 @@ def _embed_pairs(run, accelerator, pairs, shard_size, summary, model_spec, sourc
     accelerator.wait_for_everyone()
 
 
-def _embed_own(run, accelerator, image_items, text_items, shard_size, summary, model_spec, source) -> None:
+def _embed_own(run, accelerator, image_items, text_items, shard_size, summary, model_spec, source,
+               partitions=None, read_errors=()) -> None:
     """eclip's own layout (eclip.embedstore): image shards and text shards."""
     output, rank, world = run.output, accelerator.process_index, accelerator.num_processes
     identity, dtype = run.identity, run.dtype
     plans = {}
     if image_items:
-        plans["images"] = plan_shards("images", image_items, shard_size, world, identity, dtype, _image_fingerprint)
+        plans["images"] = plan_shards("images", image_items, shard_size, world, identity, dtype, _image_fingerprint,
+                                      (partitions or {}).get("images"))
     if text_items:
-        plans["texts"] = plan_shards("texts", text_items, shard_size, world, identity, dtype, _text_fingerprint)
+        plans["texts"] = plan_shards("texts", text_items, shard_size, world, identity, dtype, _text_fingerprint,
+                                     (partitions or {}).get("texts"))
     for kind, items in (("images", image_items), ("texts", text_items)):
         if kind not in plans:
             continue
@@ -273,7 +296,7 @@ def _embed_own(run, accelerator, image_items, text_items, shard_size, summary, m
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         manifest = finalize(output, plans, identity, dim=run.model.dim, dtype=dtype,
-                            model_spec=model_spec, source=source)
+                            model_spec=model_spec, source=source, read_errors=read_errors)
         summary.update({"images": (manifest["images"] or {}).get("count", 0),
                         "errors": (manifest["images"] or {}).get("errors", 0),
                         "texts": (manifest["texts"] or {}).get("count", 0),

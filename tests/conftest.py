@@ -98,3 +98,16 @@ def live_server(checkpoint, serve_gallery):
     yield server
     server.stop()
     thread.join(30)
+
+
+def mounted_tmpfs(folder, options: str, instead: str):
+    """Yield `folder` with a tmpfs mounted on it (`mount -o OPTIONS`: needs root, and a kernel that lets
+    this container mount), unmounted afterwards; skip the test, naming the test that covers it
+    `instead`, where mounting is not possible."""
+    import subprocess
+    folder.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root); {instead} covers the handling")
+    yield folder
+    subprocess.run(["umount", "--lazy", str(folder)], check=True)   # lazy: a traceback may still hold a file

@@ -177,10 +177,55 @@ def test_invalid_json_wrong_structure_and_duplicate_ids(tmp_path):
     write_json(root / "train.json", [{"id": 1, "caption": "x"}])
     with pytest.raises(EclipError, match="record 0 lacks 'image_path'"):
         read_dataset("visualnews", root, "train")
+
+
+
+def test_a_benchmarks_duplicate_ids_are_kept_numbered_and_counted(tmp_path, capsys, monkeypatch):
+    """The reference reads a repeated id as another pair; eclip keeps it too, under a new id (id-keyed
+    outputs would merge the two), and says so. A user's own file still refuses them (test_dataset)."""
+    monkeypatch.delenv("ECLIP_QUIET", raising=False)
+    root = visualnews(tmp_path, "flat")
     write_json(root / "val.json", [{"id": 1, "caption": "a", "image_path": "./a.jpg"},
-                                   {"id": 1, "caption": "b", "image_path": "./b.jpg"}])
+                                   {"id": 1, "caption": "b", "image_path": "./b.jpg"},
+                                   {"id": 1, "caption": "c", "image_path": "./c.jpg"}])
+    records = read_dataset("visualnews", root, "val")
+    assert ids(records) == ["1", "1#2", "1#3"] and [r.caption for r in records] == ["a", "b", "c"]
+    assert "2 records repeat an earlier record's id (first: '1')" in capsys.readouterr().err
+    table = tmp_path / "pairs.jsonl"
+    table.write_text('{"id": 1, "image": "a.jpg", "text": "a"}\n{"id": 1, "image": "b.jpg", "text": "b"}\n')
     with pytest.raises(EclipError, match="duplicate id '1'"):
-        read_dataset("visualnews", root, "val")
+        read_dataset(str(table))
+
+
+# --- --protocol paper: the reference's readers ------------------------------------------------
+
+def test_paper_protocol_reads_goodnews_test_with_its_broken_images(tmp_path):
+    root = goodnews_authors(tmp_path / "gn")
+    assert ids(read_dataset("goodnews", root, "test", protocol="paper")) == ["5a1b_0", "5a1b_1", "6c2d_0", "6c2d_1"]
+    assert ids(read_dataset("goodnews", root, "test")) == ["5a1b_0", "5a1b_1", "6c2d_0"]
+    # train and val leave broken images out under both protocols, as the reference's training reader
+    assert ids(read_dataset("goodnews", root, "val", protocol="paper")) == ["6c2d_0"]
+
+
+def test_paper_protocol_keeps_empty_captions(tmp_path):
+    root = n24news_archive(tmp_path)
+    write_json(root / "news/nytimes_test.json", [N24NEWS[0], {**N24NEWS[1], "caption": ""},
+                                                 {**N24NEWS[2], "caption": None}])
+    assert ids(read_dataset("n24news", root, "test")) == ["img1"]
+    assert ids(read_dataset("n24news", root, "test", protocol="paper")) == ["img1", "img2"]   # null: unreadable
+
+
+def test_paper_protocol_leaves_unexplained_goodnews_train_and_val_pairs_out(tmp_path):
+    root = goodnews_authors(tmp_path / "gn")
+    write_json(root / "val_cap.json", {"5a1b_1.jpg": "Michelle Obama, First Lady."})   # the authors' file
+    write_json(root / "new_goodnews_capim_val.json", [
+        {"image_id": "5a1b_1.jpg", "captioning": "Michelle Obama at the White House.", "title": "t"},
+        {"image_id": "6c2d_0.jpg", "captioning": "Angela Merkel in Berlin.", "title": "t"}])
+    explanations = root / "val_cap.json"
+    paper = read_dataset("goodnews", root, "val", explanations, protocol="paper")
+    assert ids(paper) == ["5a1b_1"] and paper[0].explanation == "Michelle Obama, First Lady."
+    assert ids(read_dataset("goodnews", root, "val", explanations)) == ["5a1b_1", "6c2d_0"]   # eclip keeps them
+    assert ids(read_dataset("goodnews", root, "test", explanations, protocol="paper"))[-1] == "6c2d_1"  # test: all
 
 
 # --- end to end: `eclip evaluate` on every layout --------------------------------------------
@@ -210,3 +255,33 @@ def test_evaluate_reads_every_layout_end_to_end(tmp_path, checkpoint, dataset, b
     report = json.loads(result.stdout)
     assert report["n_texts"] == report["n_images"] == n and report["n_skipped"] == 0
     assert 0 <= report["rsum"] <= 600
+
+
+def test_evaluate_under_the_paper_protocol(tmp_path, checkpoint, monkeypatch):
+    monkeypatch.delenv("ECLIP_QUIET", raising=False)
+    root = goodnews_authors(tmp_path / "gn")
+    args = ["evaluate", "--dataset", "goodnews", "--data-root", str(root), "--checkpoint", str(checkpoint[0]),
+            "--device", "cpu", "--json"]
+    try:
+        runner = CliRunner(mix_stderr=False)  # click < 8.2
+    except TypeError:
+        runner = CliRunner()                  # click >= 8.2 keeps stderr apart by itself
+    paper = runner.invoke(app, [*args, "--protocol", "paper"])
+    assert paper.exit_code == 0, paper.output
+    report = json.loads(paper.stdout)
+    assert report["n_texts"] == report["n_images"] == 4 and report["same_image"] == "none"   # broken image kept
+    assert "evaluating in fp32" in paper.stderr           # the CPU: fp32, as the reference's eval.py on a CPU
+    eclip = json.loads(runner.invoke(app, args).stdout)
+    assert eclip["n_texts"] == 3 and eclip["same_image"] == "bytes"
+
+
+def test_an_option_contradicting_the_protocol_is_refused_before_anything_loads(tmp_path):
+    result = CliRunner().invoke(app, ["evaluate", "--dataset", "goodnews", "--protocol", "paper",
+                                      "--same-image", "path"])
+    assert result.exit_code == 2 and "--same-image path: --protocol paper sets --same-image none" in result.output
+    result = CliRunner().invoke(app, ["train", "--dataset", "x.jsonl", "--protocol", "paper", "--negatives",
+                                      "softmax", "--output", str(tmp_path / "run")])
+    assert result.exit_code == 2 and "--protocol paper sets --negatives reference" in result.output
+    result = CliRunner().invoke(app, ["train", "--dataset", "x.jsonl", "--protocol", "papers",
+                                      "--output", str(tmp_path / "run")])
+    assert result.exit_code == 2 and "--protocol papers: one of eclip, paper" in result.output

@@ -1,5 +1,6 @@
 """Checkpoints: bit-exact round trip from the header alone; bad files rejected with one clear line."""
 import json
+import struct
 
 import pytest
 import torch
@@ -83,6 +84,7 @@ def rewrite_header(model, path, change):
     ("context_length", lambda c: c.update(context_length="77")),
     ("experts.n_vision", lambda c: c["experts"].update(n_vision="two")),
     ("loss.eta", lambda c: c["loss"].update(eta=None)),
+    ("loss.negatives", lambda c: c["loss"].update(negatives="hardest")),
     ("experts", lambda c: c.update(experts=3)),
     ("bogus", lambda c: c.update(bogus=1)),
 ])
@@ -93,3 +95,27 @@ def test_header_config_of_the_wrong_type_names_file_and_field(tiny_model, tmp_pa
     msg = str(e.value)
     assert e.value.exit_code == 2 and "\n" not in msg and len(msg) < 300, msg
     assert msg.startswith(f"{path}: ") and f"config.{field}" in msg, msg
+
+
+DEEP = "[" * 100_000 + "]" * 100_000
+
+
+@pytest.mark.parametrize("where", ["config", "header"])
+def test_deeply_nested_json_is_refused_naming_the_file(tiny_model, tmp_path, where):
+    """100,000 levels of nesting: exit 2 with the file's name, not a RecursionError (exit 1)."""
+    from typer.testing import CliRunner
+
+    from eclip.cli import app
+    if where == "config":
+        path = tmp_path / "deep.safetensors"
+        meta = {"format": "eclip", "eclip_version": "0", "config": DEEP}
+        save_file({k: v.contiguous() for k, v in tiny_model.state_dict().items()}, str(path), metadata=meta)
+    else:   # the safetensors header itself
+        path = tmp_path / "deep-header.safetensors"
+        text = ('{"__metadata__": {"format": "eclip"}, "x": ' + DEEP + "}").encode()
+        path.write_bytes(struct.pack("<Q", len(text)) + text)
+    with pytest.raises(EclipError) as e:
+        load_checkpoint(path)
+    assert e.value.exit_code == 2 and str(e.value).startswith(f"{path}: ") and "nested" in str(e.value)
+    result = CliRunner().invoke(app, ["match", "--checkpoint", str(path), str(path), "a caption"])
+    assert result.exit_code == 2 and str(path) in result.output, (result.output, result.exception)

@@ -108,10 +108,10 @@ def test_any_transformers_folder_without_chat_template_via_cli(smollm2, tmp_path
         runner = CliRunner()
     r = runner.invoke(app, ["explain", "--texts", str(texts), "-o", str(tmp_path / "c.jsonl"),
                                  "--llm", "tiny-llm", "--batch-size", "2", "--max-new-tokens", "4", "--json"])
-    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    assert r.exit_code == (3 if summary["failed"] else 0), r.output     # 3: some captions failed
     lines = list(iter_entries(tmp_path / "c.jsonl"))
     assert len(lines) == 2 and all(e["model"] == str(folder.resolve()) for e in lines)
-    summary = json.loads(r.stdout)
     assert summary["generated"] + summary["failed"] == 2
 
 

@@ -29,7 +29,8 @@ def ok_body(prompt):
 
 
 class Stub:
-    """`behave(prompt, attempt) -> (status, headers, body, delay_s)`; attempt counts from 0 per prompt."""
+    """`behave(prompt, attempt) -> (status, headers, body, delay_s[, drip_s])`; attempt counts from 0 per
+    prompt; with drip_s the body is sent one byte every drip_s seconds."""
 
     def __init__(self, behave=None):
         self.behave = behave or (lambda prompt, attempt: (200, {}, ok_body(prompt), 0))
@@ -58,7 +59,7 @@ class Stub:
                     stub.seen[prompt] += 1
                     stub.requests.append({"path": self.path, "auth": self.headers.get("Authorization"),
                                           "body": body})
-                status, headers, payload, delay = stub.behave(prompt, attempt)
+                status, headers, payload, delay, *drip = stub.behave(prompt, attempt)
                 time.sleep(delay)
                 try:
                     self.send_response(status)
@@ -67,7 +68,13 @@ class Stub:
                     self.send_header("Content-Type", "application/json")
                     self.send_header("Content-Length", str(len(payload)))
                     self.end_headers()
-                    self.wfile.write(payload)
+                    if drip:
+                        for i in range(len(payload)):
+                            self.wfile.write(payload[i:i + 1])
+                            self.wfile.flush()
+                            time.sleep(drip[0])
+                    else:
+                        self.wfile.write(payload)
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client gave up (timeout)
 
@@ -159,6 +166,55 @@ def test_500_malformed_and_timeout_fail_their_item_and_the_run_goes_on(stub, tmp
     assert set(read_cache(cache)) == set(CAPTIONS[3:])
 
 
+def test_timeout_is_a_deadline_for_the_whole_answer(stub, tmp_path):
+    """An answer dripping one byte every 50 ms takes ~5 s in all; each byte comes well within the
+    0.5 s --timeout, which bounds the whole request, so the item fails as timed out and is not cached."""
+    s = stub(lambda prompt, attempt: (200, {}, ok_body(prompt), 0, 0.05))
+    cache = tmp_path / "c.jsonl"
+    t0 = time.perf_counter()
+    summary = run(CAPTIONS[:1], backend(s.url, timeout=0.5, retries=0), cache)
+    assert time.perf_counter() - t0 < 3.0
+    assert (summary["generated"], summary["failed"]) == (0, 1)
+    [entry] = iter_entries(cache)
+    assert "timed out after 0.5 s" in entry["error"] and entry["explanation"] is None
+
+
+def test_huge_answers_are_not_read_whole_and_long_ones_are_cut(stub, tmp_path):
+    """A server that ignores max_tokens: a 5 MB answer is refused after the first ~70 kB (its error is
+    cached, not the answer); a 20,000-character one is kept up to --max-new-tokens x 12 characters and
+    counted as cut."""
+    def behave(prompt, attempt):
+        if prompt == CAPTIONS[0]:
+            return 200, {}, ok_body("x" * (5 << 20)), 0
+        if prompt == CAPTIONS[1]:
+            return 200, {}, ok_body("word " * 4000), 0
+        return 200, {}, ok_body(prompt), 0
+
+    s = stub(behave)
+    cache = tmp_path / "c.jsonl"
+    summary = run(CAPTIONS[:3], backend(s.url, max_new_tokens=16), cache)
+    assert (summary["generated"], summary["failed"], summary["cut"]) == (2, 1, 1)
+    entries = {e["caption"]: e for e in iter_entries(cache)}
+    assert "larger than" in entries[CAPTIONS[0]]["error"] and entries[CAPTIONS[0]]["explanation"] is None
+    kept = entries[CAPTIONS[1]]["explanation"]
+    assert kept.startswith("About: word word") and len(kept) <= 16 * 12
+    assert entries[CAPTIONS[2]]["explanation"] == f"About: {CAPTIONS[2]}"
+    assert cache.stat().st_size < 10_000
+
+
+def test_cli_exits_3_when_captions_failed(stub, tmp_path, monkeypatch):
+    s = stub(lambda prompt, attempt: (503, {}, b"overloaded", 0) if prompt != CAPTIONS[0] else
+             (200, {}, ok_body(prompt), 0))
+    monkeypatch.setenv("MY_LLM_KEY", SENTINEL)
+    r, _ = explain_cli(tmp_path, s.url, CAPTIONS[:3])
+    assert r.exit_code == 3, r.output
+    assert json.loads(r.stdout)["failed"] == 2 and json.loads(r.stdout)["generated"] == 1
+    s2 = stub()
+    r, _ = explain_cli(tmp_path, s2.url, CAPTIONS[:3])           # the re-run asks again and succeeds
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["generated"] == 2
+
+
 def test_unauthorised_stops_the_run_with_a_clear_error(stub, tmp_path):
     s = stub(lambda prompt, attempt: (401, {}, b'{"error": "invalid api key"}', 0))
     with pytest.raises(EclipError, match="HTTP 401.*check the API key"):
@@ -216,7 +272,7 @@ def test_api_key_is_sent_but_never_written_or_printed(stub, tmp_path, monkeypatc
     s = stub(behave)
     monkeypatch.setenv("MY_LLM_KEY", SENTINEL)
     r, written = explain_cli(tmp_path, s.url, CAPTIONS[:5])
-    assert r.exit_code == 0, r.output
+    assert r.exit_code == 3, r.output                       # some captions failed
     assert json.loads(r.stdout)["failed"] == 3
     assert all(req["auth"] == f"Bearer {SENTINEL}" for req in s.requests)
     assert written

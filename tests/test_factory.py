@@ -196,3 +196,20 @@ def test_a_file_that_is_no_weights_at_all(tiny_config_path, tmp_path):
     path.write_text("just some text, long enough to have a header length")
     with pytest.raises(EclipError, match="notes.safetensors"):
         load_model(model=str(tiny_config_path), pretrained=str(path), device="cpu")
+
+
+def test_registered_configs_never_follow_a_link_planted_in_the_temporary_folder(tmp_path, monkeypatch):
+    import os
+    import tempfile
+
+    import open_clip
+
+    from eclip.model.factory import register_config
+    tmp, victim = tmp_path / "tmp", tmp_path / "victim"
+    tmp.mkdir(), victim.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    (tmp / f"eclip-configs-{os.getuid()}").symlink_to(victim)
+    cfg = {**TINY, "embed_dim": 48}       # a config no other test registered
+    name = register_config(cfg)
+    assert list(victim.iterdir()) == [] and list(tmp.iterdir()) == [tmp / f"eclip-configs-{os.getuid()}"]
+    assert open_clip.get_model_config(name) == cfg

@@ -11,7 +11,7 @@ import typer.main
 
 from eclip.cli import app
 
-COMMANDS = ["", "explain", "train", "embed", "match", "evaluate", "serve"]
+COMMANDS = ["", "explain", "train", "embed", "match", "evaluate", "serve", "export"]
 
 
 @pytest.fixture(scope="module")

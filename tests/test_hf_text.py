@@ -254,7 +254,7 @@ def test_checkpoint_without_its_folder_names_it(tmp_path, mean_model):
 
     odd = {**meta, "hf_text_files": json.dumps({"../config.json": "{}"})}
     save_file(load_file(path), tmp_path / "odd.safetensors", metadata=odd)
-    with pytest.raises(EclipError, match="header field hf_text_files: expected a JSON object of file names"):
+    with pytest.raises(EclipError, match="header field hf_text_files: file names other than"):
         load_checkpoint(tmp_path / "odd.safetensors")
 
 
@@ -271,7 +271,63 @@ def test_tower_files_go_to_the_cache_or_else_the_temporary_folder(tmp_path, monk
     (tmp_path / "blocked").write_text("")                      # a file where the cache folder would be
     monkeypatch.setenv("ECLIP_CACHE", str(tmp_path / "blocked"))
     fallback = tower_folder(files)
-    assert fallback.name == cached.name and str(fallback).startswith(tempfile.gettempdir())
+    assert fallback.parent == Path(tempfile.gettempdir()) and fallback.name.startswith("eclip-hf-text-")
     assert (fallback / "tokenizer.json").read_text() == "{}"
-    with pytest.raises(EclipError, match="odd file names"):
+    with pytest.raises(EclipError, match="file names other than"):
         tower_folder({"../config.json": "{}"})
+
+
+@pytest.fixture(scope="module")
+def hf_checkpoint(tmp_path_factory, mean_model):
+    """(weights, header metadata) of a checkpoint with a MiniLM text tower, to write odd headers from."""
+    from safetensors.torch import load_file
+
+    from eclip.checkpoint import read_header, save_checkpoint
+    path = save_checkpoint(mean_model, tmp_path_factory.mktemp("hfck") / "full.safetensors")
+    return load_file(path), read_header(path)
+
+
+def with_files(tmp_path, hf_checkpoint, files_json: str):
+    from safetensors.torch import save_file
+    weights, meta = hf_checkpoint
+    path = tmp_path / "odd.safetensors"
+    save_file(weights, path, metadata={**meta, "hf_text_files": files_json})
+    return path
+
+
+@pytest.mark.parametrize("files", [
+    {"..": "{}"}, {"": "{}"}, {"../config.json": "{}"}, {"sub/config.json": "{}"},
+    {"config.json": "{}", "tokenizer.json": "{}", "setup.py": "print()"},        # not a tokenizer/config file
+    {**{f"f{i}.json": "{}" for i in range(20_000)}, "config.json": "{}"},         # 20,000 names
+    {"config.json": "{}", "tokenizer.json": "x" * (40 << 20)},                     # a 40 MB value
+    "[" * 100_000 + "]" * 100_000,                                                 # nested 100,000 deep
+])
+def test_odd_tower_files_are_refused_before_anything_is_written(tmp_path, monkeypatch, hf_checkpoint, files):
+    from eclip.errors import EclipError
+    from eclip.model.factory import load_checkpoint
+    path = with_files(tmp_path, hf_checkpoint, files if isinstance(files, str) else json.dumps(files))
+    monkeypatch.setenv("ECLIP_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(EclipError) as e:
+        load_checkpoint(path)
+    msg = str(e.value)
+    assert e.value.exit_code == 2 and msg.startswith(f"{path}: ") and "hf_text_files" in msg and len(msg) < 400, msg
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("*"))
+
+
+def test_tower_files_never_follow_a_link_planted_in_the_temporary_folder(tmp_path, monkeypatch):
+    """Without a writable cache the files go to a fresh private temporary folder, not to a name another
+    user can guess and plant a link at."""
+    import os
+    import tempfile
+
+    from eclip.model.hf_text import tower_folder
+    tmp, victim = tmp_path / "tmp", tmp_path / "victim"
+    tmp.mkdir(), victim.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    (tmp / f"eclip-hf-text-{os.getuid()}").symlink_to(victim)
+    (tmp_path / "blocked").write_text("")
+    monkeypatch.setenv("ECLIP_CACHE", str(tmp_path / "blocked"))
+    folder = tower_folder({"config.json": '{"model_type": "bert"}', "tokenizer.json": "{}"})
+    assert list(victim.iterdir()) == []
+    assert (folder / "tokenizer.json").read_text() == "{}" and not folder.is_symlink()
+    assert folder.stat().st_uid == os.getuid() and folder.stat().st_mode & 0o077 == 0

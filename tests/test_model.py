@@ -73,7 +73,8 @@ def test_padding_is_masked_in_expert_attention():
 def test_full_loss_backward_reaches_every_parameter_group(tiny_model):
     images, captions, explanations = batch(tiny_model)
     out = tiny_model(images, captions, explanations, generator=torch.Generator().manual_seed(0))
-    assert set(out) == {"loss", "vtc", "gfm", "vtc_star"}
+    assert set(out) == {"loss", "vtc", "gfm", "vtc_star", "pos_prob"}
+    assert 0.0 < float(out["pos_prob"]) < 1.0
     eta, lam = tiny_model.config.loss.eta, tiny_model.config.loss.lam
     torch.testing.assert_close(out["loss"].detach(), out["vtc"] + eta * out["gfm"] + lam * out["vtc_star"])
     out["loss"].backward()

@@ -11,7 +11,8 @@ import pytest
 
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--disable-dev-shm-usage", "--window-size=1100,1500"]
+         "--disable-dev-shm-usage", "--window-size=1100,1500",
+         "--host-resolver-rules=MAP rebind.test 127.0.0.1"]   # a name an attacker rebound to this machine
 
 
 @pytest.fixture(scope="module")
@@ -107,3 +108,18 @@ def test_page_shows_an_api_error(browser, live_server, tmp_path):
     browser.find_element(By.ID, "match-button").click()
     wait(browser, lambda d: d.find_element(By.ID, "match-error").is_displayed())
     assert browser.find_element(By.ID, "match-error").text == "notes.jpg: not an image"
+
+
+def test_a_page_on_a_name_rebound_to_127_0_0_1_reads_nothing(browser, live_server):
+    """DNS rebinding: a site's name (rebind.test here) that its owner points at 127.0.0.1 makes
+    the browser treat the server as that site's own origin; the server refuses that Host name, so
+    the site's page can neither load the page nor read /search (paths and sha256 of the gallery)."""
+    from selenium.webdriver.common.by import By
+    port = live_server.url.rsplit(":", 1)[1]
+    browser.get(f"http://rebind.test:{port}/")
+    assert "does not answer to that Host name" in browser.find_element(By.TAG_NAME, "body").text
+    status, text = browser.execute_async_script(
+        "const done = arguments[arguments.length - 1];"
+        "fetch('/search?q=a+cat').then(r => r.text().then(t => done([r.status, t])), e => done([0, String(e)]));")
+    assert status == 403 and ".jpg" not in text and "sha256" not in text, (status, text[:300])
+    browser.get_log("browser")      # the refusals above are the browser's console errors

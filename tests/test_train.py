@@ -52,21 +52,28 @@ def timeless(rows):
     return [{k: v for k, v in r.items() if k not in ("elapsed_s", "pairs_per_s")} for r in rows]
 
 
+def kill_after_first_state(flags, run, *extra):
+    """`eclip train` (2 epochs, a state every 2 steps) in a subprocess, SIGKILLed right after its first
+    state save, mid-training; -> the finished process."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "ECLIP_QUIET": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "eclip", *train_args(flags, run, "--save-every", "2", *extra)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 240
+    while not complete_states(run):
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        assert time.monotonic() < deadline, "no state saved"
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return proc
+
+
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path, flags, reference):
     (whole, summary), killed = reference, tmp_path / "killed"
     assert summary["steps"] == 8 and summary["best_val_rsum"] is not None
 
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "ECLIP_QUIET": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "eclip", *train_args(flags, killed, "--save-every", "2")],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 240
-    while not complete_states(killed):
-        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-        assert time.monotonic() < deadline, "no state saved"
-        time.sleep(0.002)
-    proc.send_signal(signal.SIGKILL)          # right after its first state save, mid-training
-    proc.wait()
+    proc = kill_after_first_state(flags, killed)
     assert proc.returncode == -signal.SIGKILL and not (killed / "summary.json").exists()
     saved_at = json.loads((complete_states(killed)[0] / "trainer.json").read_text())["step"]
     assert 2 <= saved_at < 8
@@ -80,6 +87,17 @@ def test_killed_run_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path, fla
     # the log reads as one run: every step once, the same numbers
     assert timeless(log_lines(killed)) == timeless(log_lines(whole))
     assert len(complete_states(killed)) == 1 and not list((killed / "state").glob("*.tmp"))
+
+
+@pytest.mark.slow
+def test_run_killed_with_its_workers_alive_resumes_at_once(tmp_path, flags):
+    """SIGKILL reaches the main process only; its data-loading workers notice a few seconds later.
+    They never held the folder's lock, so `--resume` right away is not refused."""
+    killed = tmp_path / "killed"
+    kill_after_first_state(flags, killed, "--workers", "2")
+    result = CliRunner().invoke(app, ["train", "--resume", str(killed), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["steps"] == 8
 
 
 @pytest.mark.slow

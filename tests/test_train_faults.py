@@ -4,7 +4,6 @@ import errno
 import json
 import os
 import shutil
-import subprocess
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ from typer.testing import CliRunner
 from eclip.cli import app
 from eclip.train.rundir import RunDir
 
+from conftest import mounted_tmpfs
 from train_helpers import build_flags, invoke, log_lines, train_args
 
 
@@ -72,13 +72,7 @@ def check_full_disk_report(result, run):
 @pytest.fixture
 def small_disk(tmp_path):
     """A 200 MB tmpfs (needs root and a kernel that lets this container mount)."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200m", "tmpfs", str(mount)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (needs root); test_state_save_failing_with_enospc covers the handling")
-    yield mount
-    subprocess.run(["umount", "--lazy", str(mount)], check=True)   # lazy: a traceback may still hold a file
+    yield from mounted_tmpfs(tmp_path / "disk", "size=200m", "test_state_save_failing_with_enospc")
 
 
 def fill(folder, leave: int):

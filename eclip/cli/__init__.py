@@ -53,7 +53,7 @@ def _root(version: Annotated[Optional[bool], typer.Option(
     pass
 
 
-from eclip.cli import explain, train, embed, match, evaluate, serve  # noqa: E402,F401  (registers the commands)
+from eclip.cli import explain, train, embed, match, evaluate, serve, export  # noqa: E402,F401  (registers the commands)
 
 
 def main():

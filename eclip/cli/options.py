@@ -68,8 +68,22 @@ SearchOpt = Annotated[Search, typer.Option(
 
 Dataset = Annotated[Optional[str], typer.Option(
     "--dataset", rich_help_panel=DATA_PANEL, show_default=False,
-    help="n24news | visualnews | goodnews, or a FILE.jsonl / FILE.csv with fields image, text "
-         "[, id, explanation, entities].")]
+    help="n24news | visualnews | goodnews; a FILE.jsonl / .csv / .tsv with fields image, text "
+         "[, id, explanation, entities]; .parquet (a file, folder or glob) with the image bytes inside; "
+         "webdataset shards ('shards/{00000..00099}.tar', a folder of .tar, a LIST.txt of URLs, https://, "
+         "s3://, pipe:CMD); or img2dataset's files folder.")]
+ImageKey = Annotated[Optional[str], typer.Option(
+    "--image-key", rich_help_panel=DATA_PANEL, show_default=False,
+    help="Image field: shard member extensions as a ';'-list (default jpg;png;jpeg;webp) or a table / "
+         "parquet column (default image, jpg ...).")]
+TextKey = Annotated[Optional[str], typer.Option(
+    "--text-key", rich_help_panel=DATA_PANEL, show_default=False,
+    help="Caption field: a shard member extension or a field of its json member (default txt), or a "
+         "table / parquet column (default text or caption).")]
+IdKey = Annotated[Optional[str], typer.Option(
+    "--id-key", rich_help_panel=DATA_PANEL, show_default=False,
+    help="Record id: a field of a shard's json member (default the sample key, __key__) or a table / "
+         "parquet column (default id).")]
 DataRoot = Annotated[Optional[Path], typer.Option(
     "--data-root", rich_help_panel=DATA_PANEL, show_default=False,
     help="Folder holding the benchmark in its published layout. Default: $ECLIP_DATA/<dataset> "
@@ -88,6 +102,14 @@ Explanations = Annotated[Optional[Path], typer.Option(
     help="Explanation cache written by `eclip explain` (JSONL), or the EntityCLIP authors' "
          "CapDsc_mistral_{split}.json (one JSON object: image file name -> explanation).")]
 Json = Annotated[bool, typer.Option("--json", help="Print the result as one JSON object on stdout.")]
+
+
+def columns(image_key=None, text_key=None, id_key=None):
+    """--image-key / --text-key / --id-key for the readers; None when none is given."""
+    if not (image_key or text_key or id_key):
+        return None
+    from eclip.data.shards import Columns
+    return Columns(image_key, text_key, id_key)
 
 
 def model_spec(model, pretrained, checkpoint, device, precision, seed=None):

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 from typing_extensions import Annotated
@@ -31,6 +31,8 @@ Examples:
 
 Binds 127.0.0.1 unless --host says otherwise. With --token-env NAME every endpoint but /health
 needs `Authorization: Bearer TOKEN` (a browser may use Basic auth with the token as password).
+Answers only requests addressed to localhost, an IP address, the --host name or an
+--allowed-host name, and only from its own page when a browser sends an Origin.
 Stops cleanly on SIGTERM or Ctrl-C; one access-log line per request on stderr.
 """
 
@@ -50,6 +52,18 @@ def serve(
         "--batch-wait-ms", help="How long the model waits for requests that are still arriving, to encode "
                                 "them in one batch (a lone request never waits).")] = 10.0,
     max_batch: Annotated[int, typer.Option("--max-batch", help="Images encoded in one forward pass at most.")] = 32,
+    allowed_host: Annotated[Optional[List[str]], typer.Option(
+        "--allowed-host", show_default=False, help="Another Host name clients use to reach the server (NAME, NAME:PORT, "
+                                                  "or '*' for any; repeatable). Refused otherwise: DNS rebinding.")] = None,
+    max_connections: Annotated[Optional[int], typer.Option(
+        "--max-connections", show_default=False, help="Open connections at most; more are answered 503 and closed "
+                                                     "[default: 500, or what `ulimit -n` leaves room for].")] = None,
+    read_timeout: Annotated[float, typer.Option(
+        "--read-timeout", help="Seconds a request's head may take to arrive, and the longest pause within its "
+                               "body; a slower connection is closed.")] = 20.0,
+    decode_megapixels: Annotated[float, typer.Option(
+        "--decode-megapixels", help="Decoded image pixels (millions) held at once by all requests together; "
+                                    "more waits (a larger single image waits until it is alone).")] = 50.0,
     search: SearchOpt = Search.auto,
     model: Model = None,
     pretrained: Pretrained = None,
@@ -64,5 +78,7 @@ def serve(
         from eclip.serve import serve as run_server
         options = ServeOptions(gallery=str(gallery) if gallery else None, host=host, port=port, token_env=token_env,
                                max_upload_mb=max_upload_mb, batch_wait_ms=batch_wait_ms, max_batch=max_batch,
-                               search=search.value, engine=engine.value)
+                               search=search.value, engine=engine.value, allowed_hosts=tuple(allowed_host or ()),
+                               max_connections=max_connections, read_timeout=read_timeout,
+                               decode_megapixels=decode_megapixels)
         run_server(model_spec(model, pretrained, checkpoint, device, precision, seed), options)

@@ -9,8 +9,8 @@ import typer
 from typing_extensions import Annotated
 
 from eclip.cli import app
-from eclip.cli.options import (Checkpoint, DataRoot, Dataset, Device, Explanations, ImageFolder, Json, Model,
-                               Precision, Pretrained, model_spec, user_errors)
+from eclip.cli.options import (Checkpoint, DataRoot, Dataset, Device, Explanations, IdKey, ImageFolder, ImageKey, Json,
+                               Model, Precision, Pretrained, TextKey, model_spec, user_errors)
 
 OPT, EXP, RUN = "Optimisation (defaults: METHOD.md)", "EntityCLIP", "Run"
 MEM = "Memory (README: training on a small GPU)"
@@ -65,6 +65,14 @@ def train(
         "Data", None, "Train without validation: best.safetensors is the last model.", "--no-val")] = None,
     explanations: Explanations = None,
     image_folder: ImageFolder = None,
+    image_key: ImageKey = None,
+    text_key: TextKey = None,
+    id_key: IdKey = None,
+    shuffle_buffer: Annotated[OptInt, _int(
+        "Data", None, "Stream webdataset shards with no record list: a shuffled shard order each epoch, each "
+        "process its own share, pairs mixed through a buffer of N samples (0: each shard in its order). Needs "
+        "--val-dataset or --no-val. Default: read the pairs first and draw a permutation.", "--shuffle-buffer",
+        min=0)] = None,
     model: Model = None,
     pretrained: Pretrained = None,
     checkpoint: Checkpoint = None,
@@ -100,9 +108,19 @@ def train(
     lock_image_freeze_bn_stats: Annotated[OptBool, _opt(
         MEM, None, "Also freeze the running statistics of a locked image tower's batch norms (ResNet, timm).",
         "--lock-image-freeze-bn-stats")] = None,
+    tower_cache_mb: Annotated[OptFloat, _float(
+        OPT, "1024", "Memory for a locked tower's outputs, computed once per distinct caption (and image, "
+        "without --augment) instead of every step; 0: off.", min=0.0)] = None,
+    tower_cache_disk: Annotated[OptBool, _opt(
+        OPT, None, "Also keep the locked tower's outputs in RUN_DIR/tower-cache/ (read back on --resume).",
+        "--tower-cache-disk")] = None,
     eta: Annotated[OptFloat, _float(EXP, "0.1", "Weight of the GI-ITM matching loss.", min=0.0)] = None,
     lam: Annotated[OptFloat, _float(EXP, "0.1", "Weight of VTC on the experts' V*, T*.", "--lambda",
                                   min=0.0)] = None,
+    negatives: Annotated[Optional[str], _opt(
+        EXP, "softmax", "How GI-ITM draws hard negatives: softmax (over the non-positives) or reference (the "
+        "reference code's draw: 1e-5 added to every weight, close to uniform once the positive dominates; "
+        "METHOD.md).", "--negatives", metavar="softmax|reference")] = None,
     vision_experts: Annotated[OptInt, _int(EXP, "4", min=0)] = None,
     text_experts: Annotated[OptInt, _int(EXP, "4", min=0)] = None,
     shared_experts: Annotated[OptInt, _int(EXP, "4", min=0)] = None,
@@ -116,6 +134,9 @@ def train(
         RUN, "rsum", "Which validation makes best.safetensors: rsum (highest val rsum) or val-loss (lowest "
         "validation contrastive loss, the reference's rule). Both are logged at every validation.",
         "--select-by", metavar="rsum|val-loss")] = None,
+    protocol: Annotated[Optional[str], _opt(
+        RUN, "eclip", "paper: the reference code's choices in one switch: --select-by val-loss, --negatives "
+        "reference and its readers (README, 'Comparing with the paper').", "--protocol", metavar="eclip|paper")] = None,
     workers: Annotated[OptInt, _int(RUN, "4", "Image-loading processes.", min=0)] = None,
     eval_every: Annotated[OptInt, _int(RUN, "0", "Also validate every N optimizer steps (0: at the end of "
                                                  "each epoch only).", min=0)] = None,
@@ -127,10 +148,14 @@ def train(
     json_out: Json = False,
 ):
     with user_errors():
-        from eclip.config import AUGMENT, SELECT_BY, TrainConfig
+        from eclip.config import AUGMENT, NEGATIVES, SELECT_BY, TrainConfig
         from eclip.errors import EclipError
         if select_by not in (None, *SELECT_BY):      # before torch is imported
             raise EclipError(f"--select-by {select_by}: one of {', '.join(SELECT_BY)}")
+        if negatives not in (None, *NEGATIVES):
+            raise EclipError(f"--negatives {negatives}: one of {', '.join(NEGATIVES)}")
+        from eclip.protocol import PAPER_TRAIN, check_protocol, paper_options
+        check_protocol(protocol)
         from eclip.train.inputs import check_inputs
         from eclip.train.rundir import resume_config
 
@@ -139,20 +164,25 @@ def train(
             "dataset": dataset, "data_root": str(data_root) if data_root else None, "val_dataset": val_dataset,
             "val_fraction": val_fraction, "no_val": no_val,
             "explanations": str(explanations) if explanations else None, "image_folder": image_folder,
+            "image_key": image_key, "text_key": text_key, "id_key": id_key,
+            "shuffle_buffer": shuffle_buffer,
             "model": spec.model,
             "pretrained": spec.pretrained, "checkpoint": spec.checkpoint, "device": spec.device,
             "precision": spec.precision, "epochs": epochs, "batch_size": batch_size, "lr": lr,
             "weight_decay": weight_decay, "warmup_steps": warmup_steps, "grad_accum": grad_accum, "seed": seed,
-            "lock_image": lock_image, "lock_text": lock_text, "eta": eta, "lam": lam,
+            "lock_image": lock_image, "lock_text": lock_text, "eta": eta, "lam": lam, "negatives": negatives,
             "lock_image_unlocked_groups": lock_image_unlocked_groups,
             "lock_text_unlocked_layers": lock_text_unlocked_layers,
             "lock_image_freeze_bn_stats": lock_image_freeze_bn_stats, "grad_checkpointing": grad_checkpointing,
             "accum_freq": accum_freq,
+            "tower_cache_mb": tower_cache_mb, "tower_cache_disk": tower_cache_disk,
             "vision_experts": vision_experts, "text_experts": text_experts, "shared_experts": shared_experts,
             "no_experts": no_experts, "augment": AUGMENT if augment else None, "select_by": select_by,
             "workers": workers, "eval_every": eval_every, "save_every": save_every,
             "log_every": log_every, "tensorboard": tensorboard,
+            "protocol": protocol if protocol != "eclip" else None,
         }
+        given = paper_options(protocol, given, PAPER_TRAIN)
         if resume is not None:
             config = resume_config(resume, output=str(output) if output else None, **given)
         else:
@@ -171,8 +201,12 @@ def default_output(dataset: str) -> Path:
     """runs/n24news for a benchmark, runs/<folder>-<stem> for a file (runs/flags-train): the same name
     in every process of a multi-process launch."""
     path = Path(dataset)
-    if path.suffix.lower() not in (".jsonl", ".csv"):
+    from eclip.data.benchmarks import BENCHMARKS
+    if dataset.lower() in BENCHMARKS:
         return Path("runs") / dataset.lower()
+    if path.suffix.lower() not in (".jsonl", ".csv"):   # shards, parquet: a name without / { } * ...
+        import re
+        return Path("runs") / (re.sub(r"[^A-Za-z0-9._-]+", "-", dataset).strip("-.")[-60:] or "data")
     return Path("runs") / (f"{path.resolve().parent.name}-{path.stem}" if path.resolve().parent.name else path.stem)
 
 

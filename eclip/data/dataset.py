@@ -133,11 +133,11 @@ class HashedImages(ImageDataset):
     images.parquet)."""
 
     def __getitem__(self, i: int) -> dict:
-        from eclip.checkpoint import sha256_file
+        from eclip.data.members import image_sha256
         item = super().__getitem__(i)
         if "error" not in item:
             try:
-                item["sha256"] = sha256_file(self.paths[i])
+                item["sha256"] = image_sha256(self.paths[i])
             except OSError as e:   # vanished between decoding and hashing
                 item = {"index": i, "error": f"unreadable ({type(e).__name__})"}
         return item

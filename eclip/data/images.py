@@ -15,6 +15,7 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from eclip.data.members import MemberError, is_address, read_member
 from eclip.errors import EclipError
 
 DEFAULT_MAX_PIXELS = 89_478_485   # Pillow's own default: a 1/4 GiB RGBA image
@@ -42,24 +43,39 @@ def max_image_pixels() -> int:
         raise EclipError(f"ECLIP_MAX_IMAGE_PIXELS={value!r}: not a whole number of pixels") from None
 
 
-def load_image(path) -> Image.Image:
+def draft(im: Image.Image, reduce: tuple[int, int] | None) -> Image.Image:
+    """reduce=(ABOVE, SIDE): a JPEG of more than ABOVE pixels is decoded at 1/2, 1/4 or 1/8 of
+    its size (libjpeg's DCT scaling, far faster and smaller than decoding it whole), keeping
+    both sides at least SIDE pixels. Other formats, smaller JPEGs and None: unchanged."""
+    if reduce and im.format == "JPEG" and im.width * im.height > reduce[0]:
+        im.draft("RGB", (reduce[1], reduce[1]))
+    return im
+
+
+def load_image(path, reduce: tuple[int, int] | None = None) -> Image.Image:
     """The image at `path` (a file path, or a binary file object such as an upload) as an upright
-    8-bit RGB image, or `ImageError`.
+    8-bit RGB image, or `ImageError`. `reduce`: see `draft` (only `eclip serve` uses it).
 
     Truncated files are refused, never padded (LOAD_TRUNCATED_IMAGES stays off):
     a half-grey photo is worse training data than none.
     """
     limit = max_image_pixels()
+    source = path
+    if isinstance(path, str) and is_address(path):   # a tar member or a parquet cell (eclip.data.members)
+        try:
+            source = io.BytesIO(read_member(path))
+        except MemberError as e:
+            raise ImageError(path, str(e)) from None
     # Pillow checks its module-wide limit inside Image.open; keep it equal to ours so both agree.
     Image.MAX_IMAGE_PIXELS = limit
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
+            with Image.open(source) as im:
                 pixels = im.width * im.height
                 if pixels > limit:
                     raise ImageError(path, f"decompression bomb ({pixels} pixels)")
-                im.load()
+                draft(im, reduce).load()
                 return to_rgb(upright(im))
     except ImageError:
         raise
@@ -72,7 +88,7 @@ def load_image(path) -> Image.Image:
     except PermissionError:
         raise ImageError(path, "unreadable (permission denied)") from None
     except UnidentifiedImageError:
-        empty = _size(path) == 0
+        empty = _size(source) == 0
         raise ImageError(path, "empty file" if empty else "not an image") from None
     except (OSError, ValueError, SyntaxError, EOFError) as e:
         text = str(e)
@@ -101,8 +117,8 @@ def _pixels_in(error) -> str:
 
 def upright(im: Image.Image) -> Image.Image:
     """Apply the EXIF orientation; a broken EXIF block must not cost a good photo."""
-    try:
-        return ImageOps.exif_transpose(im)
+    try:   # in place: a copy of a photo that needs no turning would only cost memory
+        return ImageOps.exif_transpose(im, in_place=True) or im
     except Exception:   # Pillow raises many types on malformed EXIF
         return im
 

@@ -12,6 +12,7 @@ import csv
 import io
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
@@ -27,36 +28,54 @@ def default_data_root(name: str) -> Path:
 
 
 def read_dataset(dataset: str, data_root: Optional[Path] = None, split: str = "train",
-                 explanations: Optional[Path] = None, image_folder: Optional[str] = None) -> list[Record]:
+                 explanations: Optional[Path] = None, image_folder: Optional[str] = None,
+                 columns=None, protocol: Optional[str] = None) -> list[Record]:
     """Records of a benchmark split (eclip.data.benchmarks detects the layout on disk), or of a
     .jsonl / .csv file (whose `split` is ignored: one file is one set of pairs).
 
     With `explanations`, an `eclip explain` cache or the EntityCLIP authors' CapDsc_mistral file
     fills each record's explanation (eclip.data.explanations). `image_folder` picks a benchmark's
-    image folder where its layout offers a choice (GoodNews: images or resized).
+    image folder where its layout offers a choice (GoodNews: images or resized). `columns`
+    (eclip.data.shards.Columns) names the image / text / id fields of tables, parquet and shards.
+    `protocol` "paper" reads a benchmark as the reference code does (eclip.protocol): empty captions
+    kept, GoodNews test with its broken_images.txt entries, GoodNews train/val without unexplained pairs.
     """
     name = str(dataset).lower()
     key_parts = 1
     if name in BENCHMARKS:
         from eclip.data.benchmarks import authors_key_parts, read_benchmark
         root = Path(data_root).expanduser() if data_root else default_data_root(name)
-        records = read_benchmark(name, root, split, image_folder)
+        records = read_benchmark(name, root, split, image_folder, paper=protocol == "paper")
         key_parts = authors_key_parts(name)
-    elif Path(dataset).suffix.lower() in (".jsonl", ".csv"):
-        if image_folder is not None:
-            raise EclipError(f"--image-folder {image_folder}: only for a benchmark; a file's image paths "
-                             "say where its images are")
-        records = read_table(dataset)
+    elif image_folder is not None:
+        raise EclipError(f"--image-folder {image_folder}: only for a benchmark; a file's image paths "
+                         "say where its images are")
     else:
-        raise EclipError(f"--dataset {dataset}: neither a benchmark ({', '.join(BENCHMARKS)}) "
-                         "nor a .jsonl / .csv file")
+        records = read_source(dataset, columns)   # tables, parquet, shards, files folders (eclip.data.sources)
     if explanations is not None:
         from eclip.console import note
         from eclip.data.explanations import attach_explanations
         records, missing, kind = attach_explanations(records, explanations, key_parts)
         note(f"explanations: {len(records) - missing} of {len(records)} records from {explanations} ({kind}); "
              f"{missing} fall back to their caption")
+    if protocol == "paper" and name == "goodnews" and str(split).lower() != "test":
+        records = _explained_only(records, explanations, split)
     return records
+
+
+def _explained_only(records: list[Record], explanations, split) -> list[Record]:
+    """GoodNews train/val under --protocol paper: the reference's reader drops pairs without an
+    explanation (`img_id not in self.cap_info`), so validation averages over the same pairs."""
+    from eclip.console import note
+    if explanations is None:
+        note(f"--protocol paper: GoodNews {split} read without --explanations, so pairs without one cannot be "
+             f"left out as the reference does")
+        return records
+    kept = [r for r in records if r.explanation]
+    if len(kept) < len(records):
+        note(f"--protocol paper: GoodNews {split}: left out {len(records) - len(kept)} of {len(records)} pairs "
+             f"without an explanation, as the reference's reader does")
+    return kept
 
 
 def dataset_label(dataset, split: Optional[str]) -> tuple[Optional[str], Optional[str]]:
@@ -69,11 +88,39 @@ def dataset_label(dataset, split: Optional[str]) -> tuple[Optional[str], Optiona
 
 # --- the user's own pairs ----------------------------------------------------------------
 
-def read_table(path) -> list[Record]:
+def read_source(dataset, columns=None) -> list[Record]:
+    """Records of a table, parquet, shards or a files folder (eclip.data.sources decides which);
+    samples left out while reading are in the result's `.skipped` where the format has them."""
+    from eclip.data.sources import check_source
+    kind = check_source(dataset)
+    if kind == "table":
+        return read_table(dataset, columns)
+    if kind == "parquet":
+        from eclip.data.parquet import read_parquet
+        return read_parquet(dataset, columns)
+    if kind == "shards":
+        from eclip.data.shards import read_shards
+        return read_shards(dataset, columns)
+    from eclip.data.shards import read_files_folder
+    return read_files_folder(dataset, columns)
+
+
+def announce_skipped(records, dataset):
+    """`records` (a RecordList) after the duplicate-id check, with a note on the samples it left out."""
+    if records.skipped:
+        from eclip.console import note
+        first = records.skipped[0]
+        note(f"{dataset}: left out {len(records.skipped)} sample(s) without a usable image or text; "
+             f"first: {first.shard} {first.key}: {first.reason}")
+    return _checked(records, dataset, len(records))
+
+
+def read_table(path, columns=None) -> list[Record]:
     """A .jsonl or .csv file of pairs: `image` (relative to the file's folder, or absolute),
     `text` (`caption` is accepted too, so `Record.to_dict` lines read back), and optional
-    `id` (default: the line number), `explanation` and `entities` (a JSON list; in CSV, a
-    JSON string)."""
+    `id` (default: the line number), `explanation`, `entities` (a JSON list; in CSV, a
+    JSON string) and `label` (a class, for `evaluate --task classify`). A .tsv file is a CSV with tabs. `columns` (eclip.data.shards.Columns) renames
+    the image, text and id fields (--image-key, --text-key, --id-key)."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise EclipError(f"{path}: dataset file not found")
@@ -81,6 +128,8 @@ def read_table(path) -> list[Record]:
     records = []
     for line, row in (_jsonl_rows(path) if path.suffix.lower() == ".jsonl" else _csv_rows(path)):
         where = f"{path} line {line}"
+        if columns is not None:
+            row = _renamed(row, columns)
         image, text = row.get("image"), row.get("text", row.get("caption"))
         for field, value in (("image", image), ("text", text)):
             if value is not None and not isinstance(value, str):
@@ -96,9 +145,24 @@ def read_table(path) -> list[Record]:
         rid = row.get("id")
         if isinstance(rid, bool) or not isinstance(rid, (str, int, float, type(None))):
             raise EclipError(f"{where}: 'id' must be a string or a number (got {type(rid).__name__})")
+        label = row.get("label")
+        if isinstance(label, bool) or not isinstance(label, (str, int, type(None))):
+            raise EclipError(f"{where}: 'label' must be a string or a whole number (got {type(label).__name__})")
         records.append(Record(str(line) if rid in (None, "") else str(rid), str(image_path), text,
-                              explanation, _entities(row.get("entities"), where)))
+                              explanation, _entities(row.get("entities"), where),
+                              None if label is None or str(label).strip() == "" else str(label).strip()))
     return _checked(records, path, len(records))
+
+
+def _renamed(row: dict, columns) -> dict:
+    """`row` with the user's --image-key / --text-key / --id-key fields under eclip's own names."""
+    out = dict(row)
+    for given, ours in ((columns.image_key, "image"), (columns.text_key, "text"), (columns.id_key, "id")):
+        if given:
+            out[ours] = row.get(given)
+            if ours == "text":
+                out.pop("caption", None)
+    return out
 
 
 def read_utf8(path) -> str:
@@ -136,7 +200,8 @@ def _jsonl_rows(path):
 
 def _csv_rows(path):
     # strict: an unterminated quote is an error, not a field that swallows the rest of the file
-    reader = csv.DictReader(io.StringIO(read_utf8(path), newline=""), strict=True)
+    reader = csv.DictReader(io.StringIO(read_utf8(path), newline=""), strict=True,
+                            delimiter="\t" if Path(path).suffix.lower() == ".tsv" else ",")
     while True:
         start = reader.reader.line_num + 1   # where the next record begins
         try:
@@ -201,12 +266,14 @@ def _json_list(path: Path, fields) -> list[dict]:
     return items
 
 
-def _has_caption(d: dict, path: Path) -> bool:
-    """Benchmarks hold a few pairs without a caption: nothing to match, so they are left out."""
+def _has_caption(d: dict, path: Path, keep_empty: bool = False) -> bool:
+    """Benchmarks hold a few pairs without a caption: nothing to match, so they are left out; with
+    `keep_empty` (--protocol paper) an empty caption stays, as in the reference's readers (they count
+    in its recall denominators), and only a null one goes."""
     caption = d["caption"]
     if caption is not None and not isinstance(caption, str):
         raise EclipError(f"{path}: caption of record {d.get('id', d.get('image_id'))!r} is not text")
-    return bool(caption and caption.strip())
+    return caption is not None if keep_empty else bool(caption and caption.strip())
 
 
 def _inside(root: Path, relative: str, where) -> str:
@@ -222,14 +289,25 @@ def _inside(root: Path, relative: str, where) -> str:
     return str(path)
 
 
-def _checked(records: list[Record], path, total: int) -> list[Record]:
+def _checked(records: list[Record], path, total: int, number_duplicates: bool = False) -> list[Record]:
     """Refuse duplicate ids (they would merge two pairs in every id-keyed output) and say
-    how many pairs without a caption were left out."""
-    seen = set()
-    for r in records:
+    how many pairs without a caption were left out. A benchmark (`number_duplicates`) keeps a
+    repeated id as the reference does, as its own pair: the second is renamed ID#2, the third ID#3,
+    counted and named on stderr."""
+    seen, repeats = {}, []
+    for i, r in enumerate(records):
         if r.id in seen:
-            raise EclipError(f"{path}: duplicate id {r.id!r}")
-        seen.add(r.id)
+            if not number_duplicates:
+                raise EclipError(f"{path}: duplicate id {r.id!r}")
+            seen[r.id] += 1
+            repeats.append(r.id)
+            records[i] = replace(r, id=f"{r.id}#{seen[r.id]}")
+        else:
+            seen[r.id] = 1
+    if repeats:
+        from eclip.console import note
+        note(f"{path}: {len(repeats)} records repeat an earlier record's id (first: {repeats[0]!r}); each is kept as "
+             f"its own pair, renamed ID#2, ID#3, ...")
     if total > len(records):
         from eclip.console import note
         note(f"{path}: left out {total - len(records)} of {total} pairs without a caption")

@@ -16,6 +16,7 @@ class Record:
     caption: str                  # the text that names the entities
     explanation: Optional[str] = None   # LLM bridge text, used only in training
     entities: list = field(default_factory=list)  # [{"text": "Windsor", "type": "GPE"}, ...]
+    label: Optional[str] = None   # a class (N24News's section, a table's `label`), for classification
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -28,6 +29,7 @@ class Record:
             caption=str(d["caption"]),
             explanation=d.get("explanation"),
             entities=list(d.get("entities") or []),
+            label=None if d.get("label") in (None, "") else str(d["label"]),
         )
 
     def training_explanation(self) -> str:

@@ -71,7 +71,8 @@ def explain_records(records_or_captions, backend, cache_path, prompt_template: s
                     limit: Optional[int] = None, *, dry_run: bool = False, show_progress: bool = True) -> dict:
     """Write an explanation line to `cache_path` for every caption not cached yet.
 
-    Returns a summary: captions (distinct), records, cached, generated, failed, seconds,
+    Returns a summary: captions (distinct), records, cached, generated, failed, cut (answers longer
+    than max_new_tokens allows, kept cut: endpoint backends), seconds,
     items_per_s (captions handled per second), generated_per_s (new lines per second of
     generation), model, prompt_sha256, cache; with dry_run=True nothing is generated or
     written and "prompts" lists [{"id", "caption", "prompt"}] of what would be generated.
@@ -104,7 +105,7 @@ def _explain(items, n_records, backend, cache_path, template, sha, rank, world, 
     todo = [(rid, c) for rid, c in items if (c, model, sha) not in done]
     summary = {"cache": str(cache_path) if cache_path else None, "model": model, "prompt_sha256": sha,
                "records": n_records, "captions": len(items), "cached": len(items) - len(todo),
-               "generated": 0, "failed": 0}
+               "generated": 0, "failed": 0, "cut": 0}
 
     if dry_run:
         summary["prompts"] = [{"id": rid, "caption": c, "prompt": render(template, c)} for rid, c in todo]
@@ -131,11 +132,13 @@ def _explain(items, n_records, backend, cache_path, template, sha, rank, world, 
                 summary["failed" if error else "generated"] += 1
                 bar.advance(task)
         gen_seconds = time.perf_counter() - t_gen
+        summary["cut"] = getattr(backend, "answers_cut", 0)
     if world > 1:
         from eclip.explain.processes import barrier, gather
-        counts = gather((summary["generated"], summary["failed"]))  # also waits: every part is complete
-        summary["generated"] = sum(g for g, _ in counts)
-        summary["failed"] = sum(f for _, f in counts)
+        counts = gather((summary["generated"], summary["failed"], summary["cut"]))  # also waits: every part is complete
+        summary["generated"] = sum(g for g, _, _ in counts)
+        summary["failed"] = sum(f for _, f, _ in counts)
+        summary["cut"] = sum(c for _, _, c in counts)
         if rank == 0:
             merge_parts(cache_path, part_files(cache_path))
         barrier()  # nobody returns before the cache is whole

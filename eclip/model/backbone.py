@@ -105,20 +105,30 @@ def hf_text_tokens(tower: HFTextEncoder, tokens: torch.Tensor):
         the tokens as a summary token at position 0, never padded (docs/METHOD.md, "Hugging Face
         text towers: where the experts read").
     """
+    return hf_text_head(tower, *hf_text_trunk(tower, tokens))
+
+
+def hf_text_trunk(tower: HFTextEncoder, tokens: torch.Tensor):
+    """The transformer part of a Hugging Face text tower (what --lock-text freezes; its projection stays
+    trainable): tokens [B, L] -> (last hidden states [B, L, H], pooled before projection [B, H], padding [B, L])."""
     mask = (tokens != tower.config.pad_token_id).long()          # exactly as HFTextEncoder.forward
     out = tower.transformer(input_ids=tokens, attention_mask=mask)
-    pooled = tower.proj(tower.pooler(out, mask))                   # == clip.encode_text(tokens)
-    feats = tower.proj(out.last_hidden_state)                      # [B, L, D]
-    padding = mask == 0
+    return out.last_hidden_state, tower.pooler(out, mask), mask == 0
+
+
+def hf_text_head(tower: HFTextEncoder, hidden: torch.Tensor, pooled: torch.Tensor, padding: torch.Tensor):
+    """`hf_text_trunk`'s outputs through the tower's projection, laid out as `text_tokens` returns them."""
+    pooled = tower.proj(pooled)                                    # == clip.encode_text(tokens)
+    feats = tower.proj(hidden)                                     # [B, L, D]
     position = getattr(tower.pooler, "cls_token_position", None)
-    b = tokens.shape[0]
+    b = hidden.shape[0]
     if position is None:
         feats = torch.cat([pooled[:, None], feats], dim=1)
         padding = torch.cat([padding.new_zeros(b, 1), padding], dim=1)
         position = 0
-    elif getattr(out, "pooler_output", None) is not None and getattr(tower.pooler, "use_pooler_output", False):
+    elif getattr(tower.pooler, "use_pooler_output", False):     # BERT's pooler head (when the model has one)
         feats = torch.cat([feats[:, :position], pooled[:, None], feats[:, position + 1:]], dim=1)
-    return feats, pooled, torch.full((b,), position, dtype=torch.long, device=tokens.device), padding
+    return feats, pooled, torch.full((b,), position, dtype=torch.long, device=hidden.device), padding
 
 
 def single_token_towers(clip) -> list[str]:

@@ -8,10 +8,11 @@ from torch import nn
 
 from eclip.config import EntityCLIPConfig
 from eclip.console import note
-from eclip.model.backbone import image_tokens, single_token_towers, text_tokens
+from eclip.model.backbone import single_token_towers
 from eclip.model.experts import MultimodalExperts
-from eclip.model.itm import MatchingHead, hard_negative_indices
+from eclip.model.itm import MatchingHead, hard_negative_indices, positive_probability, reference_negative_indices
 from eclip.model.loss import gather, shared_uniforms, vtc_loss, world
+from eclip.model.tower_cache import Towers, keep_locked_in_eval
 
 
 class EntityCLIP(nn.Module):
@@ -28,6 +29,7 @@ class EntityCLIP(nn.Module):
         n_pair = cfg.n_vision + cfg.n_text + 2 * cfg.n_shared
         self.itm = MatchingHead(width, n_pair) if cfg.enabled else None
         self.token_note_given = False    # the single-token note is said once (training start or first forward)
+        self.towers = Towers()           # training's tower calls; CachedTowers when a tower is locked (tower_cache)
 
     # ---- inference: plain CLIP ----
     @property
@@ -60,6 +62,12 @@ class EntityCLIP(nn.Module):
         return {**self.source, "preprocess": self.config.preprocess}
 
     # ---- training ----
+    def train(self, mode: bool = True):
+        """As nn.Module.train, but a fully locked tower stays in eval mode (no dropout), as in LiT."""
+        super().train(mode)
+        keep_locked_in_eval(self.clip)
+        return self
+
     def token_note(self) -> str | None:
         """One line when a tower gives the experts a single token (ModifiedResNet, timm); else None."""
         towers = single_token_towers(self.clip) if self.experts is not None else []
@@ -86,10 +94,10 @@ class EntityCLIP(nn.Module):
             if message := self.token_note():
                 note(message)
         if self.experts is None:       # plain CLIP fine-tuning: explanations are not needed
-            return {"v_cls": self.clip.encode_image(images), "t_cls": self.clip.encode_text(captions)}
+            return {"v_cls": self.towers.encode_image(self.clip, images), "t_cls": self.towers.encode_text(self.clip, captions)}
         b = images.shape[0]
-        v_tok, v_cls = image_tokens(self.clip, images)                       # [b,1+P,D], [b,D]
-        t_all, t_pool, _, pad_all = text_tokens(self.clip, torch.cat([captions, explanations]))
+        v_tok, v_cls = self.towers.image_tokens(self.clip, images)                       # [b,1+P,D], [b,D]
+        t_all, t_pool, _, pad_all = self.towers.text_tokens(self.clip, torch.cat([captions, explanations]))
         return {"v_tok": v_tok, "v_cls": v_cls, "t_tok": t_all[:b], "t_cls": t_pool[:b], "t_pad": pad_all[:b],
                 "e_tok": t_all[b:], "e_pad": pad_all[b:]}                    # [b,L,D] x2, [b,D], [b,L] x2
 
@@ -100,9 +108,9 @@ class EntityCLIP(nn.Module):
         vtc = vtc_loss(F.normalize(v_cls, dim=-1), F.normalize(t_cls, dim=-1), scale)
         if self.experts is None:
             return {"loss": vtc, "vtc": vtc.detach()}
-        ex, b = self.experts, v_cls.shape[0]
+        ex = self.experts
         v_all, t_all = gather(v_cls), gather(t_cls)
-        neg_text, neg_image = self._hard_negatives(v_cls, t_cls, v_all, t_all, group_ids, generator, scale)
+        neg_text, neg_image, pos_prob = self._hard_negatives(v_cls, t_cls, v_all, t_all, group_ids, generator, scale)
         r1 = (neg_text >= 0).nonzero().squeeze(1)     # image r1 with hard negative caption j (and j's explanation)
         r2 = (neg_image >= 0).nonzero().squeeze(1)    # hard negative image k with caption r2 (and r2's explanation)
         j, k = neg_text[r1], neg_image[r2]
@@ -134,11 +142,12 @@ class EntityCLIP(nn.Module):
         labels = torch.cat([torch.full((p[0].shape[0],), p[3], dtype=torch.long) for p in pairs]).to(logits.device)
         gfm = F.cross_entropy(logits, labels)
         loss = vtc + self.config.loss.eta * gfm + self.config.loss.lam * vtc_star
-        return {"loss": loss, "vtc": vtc.detach(), "gfm": gfm.detach(), "vtc_star": vtc_star.detach()}
+        return {"loss": loss, "vtc": vtc.detach(), "gfm": gfm.detach(), "vtc_star": vtc_star.detach(),
+                "pos_prob": pos_prob}
 
-    @staticmethod
-    def _hard_negatives(v_cls, t_cls, v_all, t_all, group_ids, generator, scale):
-        """(negative caption per image, negative image per caption) [b] as global-batch indices, -1: none.
+    def _hard_negatives(self, v_cls, t_cls, v_all, t_all, group_ids, generator, scale):
+        """(negative caption per image, negative image per caption) [b] as global-batch indices, -1: none,
+        and the mean softmax mass on the positives of the rows they are drawn from (logged as pos_prob).
 
         Drawn from softmax of the contrastive *logits*, exp(logit_scale) * cosine, as in the
         reference and ALBEF: softmax of raw cosines (range -1..1) is almost uniform, so the "hard"
@@ -157,6 +166,8 @@ class EntityCLIP(nn.Module):
         with torch.no_grad():
             vn, tn = F.normalize(v_cls, dim=-1), F.normalize(t_cls, dim=-1)
             u = shared_uniforms(n, device, generator)[:, local]
-            neg_text = hard_negative_indices(scale * (vn @ F.normalize(t_all, dim=-1).T), positive, u[0])
-            neg_image = hard_negative_indices(scale * (tn @ F.normalize(v_all, dim=-1).T), positive, u[1])
-        return neg_text, neg_image
+            draw = reference_negative_indices if self.config.loss.negatives == "reference" else hard_negative_indices
+            i2t, t2i = scale * (vn @ F.normalize(t_all, dim=-1).T), scale * (tn @ F.normalize(v_all, dim=-1).T)
+            neg_text, neg_image = draw(i2t, positive, u[0]), draw(t2i, positive, u[1])
+            pos_prob = (positive_probability(i2t, positive) + positive_probability(t2i, positive)) / 2
+        return neg_text, neg_image, pos_prob

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
+import shutil
 import tempfile
 from dataclasses import replace
 from pathlib import Path
@@ -36,12 +36,15 @@ def register_config(cfg: dict) -> str:
     text = json.dumps(cfg, sort_keys=True)
     name = "eclip-" + hashlib.sha256(text.encode()).hexdigest()[:12]
     if name not in open_clip.list_models():
-        folder = Path(tempfile.gettempdir()) / f"eclip-configs-{os.getuid()}"
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"{name}.json"
-        from eclip.atomic import write_text
-        write_text(path, text)   # whole: processes started together (torchrun) write and read it at once
-        open_clip.add_model_config(path)
+        # open_clip reads configs from files only: one in a fresh private folder (never a guessable
+        # /tmp name another user could plant a link at), gone once read (the registry keeps the config)
+        folder = tempfile.mkdtemp(prefix="eclip-config-")
+        try:
+            path = Path(folder) / f"{name}.json"
+            path.write_text(text)
+            open_clip.add_model_config(path)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
     return name
 
 

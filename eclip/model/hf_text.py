@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import tempfile
 from pathlib import Path
 
@@ -20,6 +19,12 @@ from eclip.model.hub import hub_file_available
 
 NAME_KEYS = ("hf_model_name", "hf_tokenizer_name")
 HEADER_KEY = "hf_text_files"
+# the only files a header may carry: a text tower's config and its tokenizer's text files (so also at
+# most this many); anything else (a path, "..", "", a script) is refused before anything is written
+TOWER_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+               "added_tokens.json", "vocab.txt", "vocab.json", "merges.txt", "chat_template.jinja",
+               "chat_template.json", "generation_config.json")
+MAX_TOWER_BYTES = 32 << 20   # all of them together; MiniLM's are 0.7 MB, a 250,000-token tokenizer.json ~17 MB
 
 
 def is_hf_text(clip_cfg: dict) -> bool:
@@ -65,6 +70,8 @@ def tower_files(model) -> dict:
         tokenizer.save_pretrained(tmp)
         files = {}
         for path in sorted(Path(tmp).iterdir()):
+            if path.name not in TOWER_FILES:
+                continue
             try:
                 files[path.name] = path.read_text(encoding="utf-8")
             except UnicodeDecodeError:
@@ -72,17 +79,36 @@ def tower_files(model) -> dict:
     return files if {"config.json", "tokenizer.json"} <= set(files) else {}
 
 
+def tower_files_problem(files) -> str | None:
+    """What is wrong with a header's {file name: text}, or None: checked whole before anything is written."""
+    if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
+        return "expected a JSON object of file names and their texts"
+    odd = sorted(name for name in files if name not in TOWER_FILES)
+    if odd:
+        shown = ", ".join(repr(name[:40]) for name in odd[:3]) + (f" and {len(odd) - 3} more" if len(odd) > 3 else "")
+        return f"file names other than a text tower's config and tokenizer files ({shown})"
+    size = sum(len(text.encode("utf-8", "surrogatepass")) for text in files.values())
+    if size > MAX_TOWER_BYTES:
+        return f"{size / 2**20:.0f} MB of files, more than a tokenizer needs ({MAX_TOWER_BYTES >> 20} MB at most)"
+    return None
+
+
 def tower_folder(files: dict) -> Path:
-    """The files written once into a folder named by their content ($ECLIP_CACHE/hf-text/<sha>; the
-    temporary folder when the cache is not writable)."""
+    """The files written once into a folder named by their content ($ECLIP_CACHE/hf-text/<sha>; a fresh
+    private temporary folder, removed at exit, when the cache is not writable)."""
     from eclip.config import eclip_cache_dir
-    if any(Path(name).name != name for name in files):
-        raise EclipError(f"eclip header field {HEADER_KEY}: odd file names {sorted(files)}")
+    problem = tower_files_problem(files)
+    if problem:
+        raise EclipError(f"eclip header field {HEADER_KEY}: {problem}")
     digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16]
     try:
         return _write_once(eclip_cache_dir() / "hf-text" / digest, files)
     except OSError:
-        return _write_once(Path(tempfile.gettempdir()) / f"eclip-hf-text-{os.getuid()}" / digest, files)
+        import atexit
+        import shutil
+        folder = Path(tempfile.mkdtemp(prefix="eclip-hf-text-"))   # mode 0700, a name nobody can guess
+        atexit.register(shutil.rmtree, folder, True)
+        return _write_once(folder, files)
 
 
 def _write_once(folder: Path, files: dict) -> Path:
@@ -100,13 +126,14 @@ def rebuild_config(clip_cfg: dict, meta: dict, path) -> dict:
     (no weights loaded: they are in the checkpoint), else from the folders its config names."""
     text = dict(clip_cfg["text_cfg"], hf_model_pretrained=False)
     if meta.get(HEADER_KEY):
+        from eclip.checkpoint import header_json
         try:
-            files = json.loads(meta[HEADER_KEY])
-        except ValueError:
-            files = None
-        if not isinstance(files, dict) or not all(isinstance(v, str) and Path(k).name == k for k, v in files.items()):
-            raise EclipError(f"{path}: eclip header field {HEADER_KEY}: expected a JSON object of file names "
-                             f"and their texts")
+            files = header_json(meta[HEADER_KEY])
+        except ValueError as e:
+            raise EclipError(f"{path}: eclip header field {HEADER_KEY}: not usable JSON ({e})") from None
+        problem = tower_files_problem(files)
+        if problem:
+            raise EclipError(f"{path}: eclip header field {HEADER_KEY}: {problem}")
         folder = str(tower_folder(files))
         return {**clip_cfg, "text_cfg": {**text, "hf_model_name": folder, "hf_tokenizer_name": folder}}
     for key in NAME_KEYS:

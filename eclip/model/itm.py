@@ -33,6 +33,32 @@ def hard_negative_indices(logits: torch.Tensor, positive: torch.Tensor, u: torch
     return torch.where(has_negative, idx, torch.full_like(idx, -1))
 
 
+# the reference's floor (clip/model.py, CLIP.itm_loss): added to every weight after the diagonal is zeroed
+REFERENCE_FLOOR = 1e-5
+
+
+@torch.no_grad()
+def reference_negative_indices(logits: torch.Tensor, positive: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """One negative per query row as the reference draws it (`--negatives reference`): the softmax over
+    the whole row (positive included), the positives' weights zeroed, then REFERENCE_FLOOR added to
+    every weight (positives too) before the draw. Once the positive holds most of the softmax, the
+    floor is most of the mass: the draw is then close to uniform over the batch, and the pair itself
+    can be drawn as its own "negative" (the reference trains it with the label 0).
+
+    Same arguments and inverse-CDF draw as hard_negative_indices; every row has a candidate, so no -1.
+    """
+    weights = F.softmax(logits.float(), dim=1).masked_fill(positive, 0.0) + REFERENCE_FLOOR
+    cdf = weights.cumsum(dim=1)
+    idx = torch.searchsorted(cdf, u.to(cdf)[:, None] * cdf[:, -1:], right=True).squeeze(1)
+    return idx.clamp_max(logits.shape[1] - 1)
+
+
+def positive_probability(logits: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
+    """Mean over query rows of the softmax mass on the row's positives: how peaked the draw's softmax
+    is (at 0.994 in a batch of 192 the reference's floor is a quarter of its draw)."""
+    return (F.softmax(logits.float(), dim=1) * positive).sum(dim=1).mean()
+
+
 class MatchingHead(nn.Module):
     """W_f gates all expert outputs of a pair into one vector; a linear head says match / no match."""
 

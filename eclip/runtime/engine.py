@@ -33,11 +33,20 @@ def load_encoder(spec, engine: str | None = None, *, throughput: bool = False):
     from eclip.model.source import resolve_source
     source = resolve_source(spec)
     if choose_engine(spec, source, engine) == "onnx":
-        from eclip.runtime.onnx_cache import load_or_export
-        encoder = load_or_export(spec, source, throughput=throughput)
-        if not isinstance(encoder, str):
+        from eclip.runtime.onnx_cache import CacheNotWritable, load_or_export
+        forced = (engine or os.environ.get("ECLIP_ENGINE")) == "onnx"
+        try:
+            encoder = load_or_export(spec, source, throughput=throughput)
+        except CacheNotWritable as e:
+            if forced:
+                raise
+            from eclip.console import note
+            note(f"eclip: {e.where}: cannot write the ONNX copy of this model here ({e.reason}); running on the "
+                 f"torch engine instead (slower to start; set ECLIP_CACHE to a writable folder)")
+            encoder = None
+        if encoder is not None and not isinstance(encoder, str):
             return encoder
-        if (engine or os.environ.get("ECLIP_ENGINE")) == "onnx":
+        if forced and encoder is not None:
             raise EclipError(f"--engine onnx: this model does not run on ONNX Runtime ({encoder}); use --engine torch")
     from eclip.model.factory import load_inference_model
     return TorchEncoder(load_inference_model(spec, source=source), spec.precision)

@@ -2,8 +2,18 @@
 
 Where: <eclip cache>/onnx/<architecture>-<key>/ ($ECLIP_CACHE or ~/.cache/eclip), holding
 image.onnx and text.onnx, their weights in image.onnx.data / text.onnx.data (memory-mapped
-by ONNX Runtime), and meta.json. The folder is assembled under a temporary name and renamed
-into place, so an entry is whole or absent; meta.json records each file's size.
+by ONNX Runtime), and meta.json. The folder is assembled under a temporary name
+(.<entry>.<pid>.<host>.<random>) and renamed into place, so an entry is whole or absent; the
+temporary folders of exporters that died (killed mid-export) are removed by the next export.
+
+meta.json records each file's size and sha256. An entry is checked when it is opened: the sizes
+always, the checksums once per change of a file's size or modification time (verified.json holds
+the (size, mtime) last verified), so a copy damaged in place, even at the same size, is rebuilt,
+and an unchanged one costs a stat per file. A change that keeps the modification time (bit rot
+under the filesystem) is not detected.
+
+A cache that cannot be written (read-only, full disk, no permission) is no error: the model runs
+on torch (eclip.runtime.engine says so in one note), or, with --engine onnx, exit 2 naming it.
 
 The key (eclip.model.source.ModelSource.key) covers the architecture, the weights file's real
 path, size, mtime and inode, and the versions of eclip's export, torch and open_clip: changed
@@ -17,15 +27,19 @@ preprocessing, outputs that differ by more than 1e-4) gets an entry that says so
 """
 from __future__ import annotations
 
+import errno
 import importlib.util
 import json
 import os
 import re
+import secrets
 import shutil
-import tempfile
+import socket
 import time
 from pathlib import Path
 
+from eclip.atomic import disk_full, write_text
+from eclip.checkpoint import sha256_file
 from eclip.config import eclip_cache_dir
 from eclip.errors import EclipError
 
@@ -33,6 +47,26 @@ EXPORT_FORMAT = 1          # bump when what is exported, or how, changes
 TOLERANCE = 1e-4           # largest |ONNX - torch| accepted at export, on normalised features
 FILES = ("image.onnx", "image.onnx.data", "text.onnx", "text.onnx.data")
 SAMPLE_CAPTIONS = ["Queen Elizabeth II at Windsor", "Zoë Saldaña in Köln &amp; 東京", "", "a " * 100]
+STAMP = "verified.json"    # {file: [size, mtime_ns]} whose sha256 matched meta.json's
+HOST = re.sub(r"[^A-Za-z0-9-]+", "-", socket.gethostname())[:40] or "host"   # no dots: names split on them
+WRITE_ERRORS = (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT)
+UNOWNED_AFTER_S = 24 * 3600   # a temporary folder whose writer is unknown (earlier eclip) is stale after this
+
+
+class CacheNotWritable(EclipError):
+    """The ONNX copy cannot be written to the cache: eclip.runtime.engine runs the model on torch
+    instead, or (--engine onnx) exits 2 with this message."""
+
+    def __init__(self, where: Path, error: BaseException):
+        self.where = where
+        if disk_full(error, where if where.exists() else None):
+            self.reason = "no space left on device"
+        elif isinstance(error, OSError) and error.strerror:
+            self.reason = error.strerror[:1].lower() + error.strerror[1:]
+        else:
+            self.reason = f"{type(error).__name__}: {str(error).splitlines()[0][:160] if str(error) else ''}"
+        super().__init__(f"{where}: cannot write the ONNX copy of this model here ({self.reason}); set "
+                         f"ECLIP_CACHE to a writable folder, or use --engine torch")
 
 
 def cache_root() -> Path:
@@ -72,19 +106,88 @@ def read_entry(folder: Path) -> dict | None:
             for name in FILES:
                 if (folder / name).stat().st_size != meta["sizes"][name]:
                     raise ValueError(f"{name}: truncated or changed")
+            verify_checksums(folder, meta)
         return meta
     except (OSError, ValueError, KeyError, TypeError):
         discard(folder)
         return None
 
 
+def file_stamps(folder: Path) -> dict:
+    stamps = {}
+    for name in FILES:
+        st = (folder / name).stat()
+        stamps[name] = [st.st_size, st.st_mtime_ns]
+    return stamps
+
+
+def verify_checksums(folder: Path, meta: dict) -> None:
+    """ValueError unless every file's sha256 is meta.json's. A file is hashed only when its (size, mtime)
+    differs from the one last verified (verified.json), which is then updated (when the cache allows)."""
+    try:
+        verified = json.loads((folder / STAMP).read_text())
+    except (OSError, ValueError):
+        verified = {}
+    now = file_stamps(folder)      # taken before hashing: a file changed meanwhile is hashed next time
+    changed = [name for name in FILES if verified.get(name) != now[name]]
+    for name in changed:
+        if sha256_file(folder / name) != meta["sha256"][name]:
+            raise ValueError(f"{name}: checksum differs (damaged)")
+    if changed:
+        try:
+            write_text(folder / STAMP, json.dumps(now))
+        except OSError:
+            pass               # a read-only cache: verified again next time
+
+
 def discard(folder: Path) -> None:
     shutil.rmtree(folder, ignore_errors=True)
 
 
+def remove_stale_work() -> None:
+    """Remove the temporary folders of exports whose process is gone (killed mid-export): those named
+    after a dead process of this host, and unnamed ones (earlier eclip) a day old."""
+    for path in cache_root().iterdir():
+        if not path.name.startswith(".") or not path.is_dir():
+            continue
+        parts = path.name.rsplit(".", 3)          # ".ENTRY.PID.HOST.RANDOM" -> [".ENTRY", PID, HOST, RANDOM]
+        if len(parts) == 4 and parts[1].isdigit():
+            if parts[2] != HOST or process_alive(int(parts[1])):
+                continue
+        else:
+            try:
+                if time.time() - path.stat().st_mtime < UNOWNED_AFTER_S:
+                    continue
+            except OSError:
+                continue
+        discard(path)
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:    # another user's process
+        return True
+    return True
+
+
+def work_folder(folder: Path) -> Path:
+    """A new private temporary folder for the entry `folder`, named after its writer."""
+    while True:
+        work = cache_root() / f".{folder.name}.{os.getpid()}.{HOST}.{secrets.token_hex(4)}"
+        try:
+            work.mkdir(mode=0o700)
+            return work
+        except FileExistsError:
+            continue
+
+
 def load_or_export(spec, source, throughput: bool = False):
     """The OnnxCLIP for these options, exporting it first if needed; or, when this model runs on
-    torch only, the reason (cached too, so later runs do not try again)."""
+    torch only, the reason (cached too, so later runs do not try again). CacheNotWritable when the
+    copy cannot be written."""
     from eclip.runtime.onnxclip import OnnxCLIP
     folder = entry_folder(source)
     for attempt in range(2):
@@ -109,21 +212,36 @@ def export(spec, source, folder: Path) -> dict:
     from eclip.console import note
     from eclip.model.factory import load_inference_model
     started = time.perf_counter()
-    note(f"eclip: writing the ONNX copy of this model for fast CPU starts (once, about half a minute): {folder}")
-    model = load_inference_model(replace(spec, device="cpu", precision="fp32"), source=source)
-    cache_root().mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=cache_root()))
     try:
-        meta = _export_into(model, work)
+        cache_root().mkdir(parents=True, exist_ok=True)
+        remove_stale_work()
+        work = work_folder(folder)
+    except OSError as e:
+        raise CacheNotWritable(cache_root(), e) from None
+    try:
+        note(f"eclip: writing the ONNX copy of this model for fast CPU starts (once, about half a minute): {folder}")
+        model = load_inference_model(replace(spec, device="cpu", precision="fp32"), source=source)
+        meta = export_towers(model, work)
         meta.update(format=EXPORT_FORMAT, key=source.key(), source=source.identity,
                     weights=os.path.realpath(source.weights) if source.weights else None,
                     versions={"torch": package_version("torch"), "open_clip": package_version("open_clip")},
                     seconds=round(time.perf_counter() - started, 1))
         (work / "meta.json").write_text(json.dumps(meta, indent=1))
+        if "unsupported" not in meta:
+            (work / STAMP).write_text(json.dumps(file_stamps(work)))
         _install(work, folder, meta)
+    except Exception as e:
+        if _write_failed(e, work):
+            raise CacheNotWritable(cache_root(), e) from None
+        raise
     finally:
         discard(work)
     return read_entry(folder) or meta
+
+
+def _write_failed(e: BaseException, work: Path) -> bool:
+    """Did writing the cache fail (full disk, read-only, permissions), rather than the export itself?"""
+    return (isinstance(e, OSError) and e.errno in WRITE_ERRORS) or disk_full(e, work if work.exists() else None)
 
 
 def _install(work: Path, folder: Path, meta: dict) -> None:
@@ -147,8 +265,11 @@ def _install(work: Path, folder: Path, meta: dict) -> None:
                 discard(other)
 
 
-def _export_into(model, work: Path) -> dict:
-    """-> meta (without the keys export() adds); {"unsupported": reason} when ONNX cannot stand in."""
+def export_towers(model, work: Path) -> dict:
+    """Trace the image and text towers into `work` (FILES) and check them against torch.
+
+    -> meta (without the keys export() adds); {"unsupported": reason} when ONNX cannot stand in.
+    Used by the cache here and by `eclip export --format onnx` (eclip.exporters.onnx)."""
     from eclip.runtime.transform import supports
     tokenizer = clip_bpe_settings(model)
     if tokenizer is None:
@@ -156,16 +277,19 @@ def _export_into(model, work: Path) -> dict:
     if not supports(model.config.preprocess):
         return {"unsupported": f"preprocessing {model.config.preprocess} needs torchvision"}
     try:
-        _trace(model, work)
+        trace_towers(model, work)
         worst = _compare(model, work, tokenizer)
     except Exception as e:   # an architecture the tracer cannot handle: torch runs it
+        if _write_failed(e, work):   # but a full disk is no property of the model: nothing is recorded
+            raise
         return {"unsupported": f"export failed ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})"}
     if worst > TOLERANCE:
         return {"unsupported": f"ONNX features differ from torch by {worst:.2e}"}
     return {"name": model.config.clip_name, "embed_dim": model.config.clip_config["embed_dim"],
             "logit_scale": float(model.logit_scale.detach()),
             "preprocess": model.config.preprocess, "tokenizer": tokenizer, "max_difference": worst,
-            "sizes": {name: (work / name).stat().st_size for name in FILES}}
+            "sizes": {name: (work / name).stat().st_size for name in FILES},
+            "sha256": {name: sha256_file(work / name) for name in FILES}}
 
 
 def clip_bpe_settings(model) -> dict | None:
@@ -194,7 +318,8 @@ def _tower(model, kind: str):
     return Tower().eval()
 
 
-def _trace(model, work: Path) -> None:
+def trace_towers(model, work: Path) -> None:
+    """image.onnx and text.onnx (+ .data) in `work`: pixels / token ids -> L2-normalised features."""
     import warnings
 
     import onnx

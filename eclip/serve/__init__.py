@@ -4,7 +4,9 @@
     serve(ModelSpec(checkpoint="best.safetensors"), ServeOptions(gallery="gallery/", port=8000))
 
 Starlette routes (`app.py`) on uvicorn; one model thread fed by `batching.Batcher`; the
-token check, the upload limit and the access log in `guards.py`; the page in `page/`.
+Host/Origin and token checks, the upload limit and the access log in `guards.py`; the read
+deadline and connection cap in `connections.py`; the decoded-pixel budget in `pixels.py`;
+the page in `page/`.
 Inputs are checked and the port is bound before the model loads, so a mistake or a busy port
 is reported at once.
 """
@@ -16,10 +18,11 @@ import os
 import signal
 import socket
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from eclip.errors import EclipError
 from eclip.serve.batching import DEFAULT_MAX_IMAGES, DEFAULT_MAX_WAIT
+from eclip.serve.connections import open_file_limit
 
 
 @dataclass
@@ -33,6 +36,29 @@ class ServeOptions:
     max_batch: int = DEFAULT_MAX_IMAGES                # images in one forward pass
     search: str = "auto"                # gallery search method (eclip.gallery.METHODS)
     engine: str | None = None           # auto | onnx | torch (eclip.runtime.engine); None: $ECLIP_ENGINE or auto
+    allowed_hosts: tuple = field(default_factory=tuple)   # Host names answered besides localhost, IPs and --host
+    max_connections: int | None = None  # open connections at most; None: what the open-file limit allows, <= 500
+    read_timeout: float = 20.0          # seconds for a request's head, and the longest pause in its body
+    decode_megapixels: float = 50.0     # decoded image pixels held at once by all requests together
+
+
+DEFAULT_MAX_CONNECTIONS = 500
+FILES_PER_CONNECTION = 2         # its socket, and the temporary file of an upload spooled to disk
+FILES_KEPT = 64                  # for the model, the gallery, the log and the libraries
+BACKLOG = 2048                   # the kernel's queue of connections not yet accepted (uvicorn's default)
+ACCEPT_BATCH = 128               # connections asyncio accepts in one turn of the loop (connections.ListeningSocket)
+
+
+def connection_cap(options: ServeOptions) -> int:
+    """--max-connections, or the most the open-file limit (`ulimit -n`) leaves room for (at most 500)."""
+    limit = open_file_limit()
+    room = None if limit is None else max(1, (limit - FILES_KEPT - ACCEPT_BATCH) // FILES_PER_CONNECTION)
+    if options.max_connections is None:
+        return min(DEFAULT_MAX_CONNECTIONS, room or DEFAULT_MAX_CONNECTIONS)
+    if room is not None and options.max_connections > room:
+        raise EclipError(f"--max-connections {options.max_connections}: the open-file limit (ulimit -n) is {limit}, "
+                         f"room for {room} connections; raise the limit or lower --max-connections")
+    return options.max_connections
 
 
 def check_options(options: ServeOptions) -> str | None:
@@ -46,6 +72,15 @@ def check_options(options: ServeOptions) -> str | None:
         raise EclipError("--batch-wait-ms must be 0 or more and --max-batch at least 1")
     if options.search not in METHODS:
         raise EclipError(f"--search {options.search}: one of {', '.join(METHODS)}")
+    if options.max_connections is not None and options.max_connections < 1:
+        raise EclipError(f"--max-connections {options.max_connections}: must be at least 1")
+    if not options.read_timeout > 0 or not options.decode_megapixels > 0:
+        raise EclipError("--read-timeout and --decode-megapixels must be more than 0")
+    from eclip.serve.guards import split_host
+    for entry in options.allowed_hosts:
+        if entry != "*" and not split_host(entry)[0]:
+            raise EclipError(f"--allowed-host {entry!r}: a host name, NAME:PORT, or '*'")
+    connection_cap(options)
     if options.token_env is None:
         return None
     token = os.environ.get(options.token_env, "")
@@ -57,16 +92,20 @@ def check_options(options: ServeOptions) -> str | None:
 
 
 def bind(host: str, port: int) -> socket.socket:
-    """A bound (not yet listening) TCP socket; EclipError when the address is busy or not ours."""
+    """A listening TCP socket; EclipError when the address is busy or not ours. It listens at once:
+    two servers binding the same port at the same moment may both bind (SO_REUSEADDR), and only
+    the first listen() wins, so the loser must find out here, not in uvicorn."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as e:
         raise EclipError(f"--host {host}: cannot resolve ({e.strerror})") from None
+    from eclip.serve.connections import ListeningSocket
     family, kind, proto, _, address = infos[0]
-    sock = socket.socket(family, kind, proto)
+    sock = ListeningSocket(family, kind, proto)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind(address)
+        sock.listen(BACKLOG)
     except OSError as e:
         sock.close()
         raise EclipError(f"--host {host} --port {port}: cannot listen there ({e.strerror})") from None
@@ -101,6 +140,8 @@ class Server:
 
         from eclip.serve.app import ServerState, build_app
         from eclip.serve.batching import Batcher
+        from eclip.serve.connections import protocol
+        from eclip.serve.pixels import PixelBudget
         self.socket = sock or bind(options.host, options.port)
         host, port = self.socket.getsockname()[:2]
         self.url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
@@ -111,10 +152,12 @@ class Server:
             for kind in ("images", "texts"):
                 if store.has(kind):
                     store.vectors(kind), store.table(kind)
-        self.state = ServerState(batcher, store, options.search, model_info(matcher))
-        app = build_app(self.state, token, int(options.max_upload_mb * 2 ** 20))
-        config = uvicorn.Config(app, log_config=None, log_level="warning", access_log=False, lifespan="on",
-                                server_header=False, timeout_graceful_shutdown=10)
+        self.state = ServerState(batcher, store, options.search, model_info(matcher),
+                                 pixels=PixelBudget(options.decode_megapixels * 1e6))
+        app = build_app(self.state, token, int(options.max_upload_mb * 2 ** 20), (options.host,), options.allowed_hosts)
+        http = protocol(connection_cap(options), options.read_timeout)
+        config = uvicorn.Config(app, http=http, log_config=None, log_level="warning", access_log=False,
+                                lifespan="on", server_header=False, timeout_graceful_shutdown=10, backlog=ACCEPT_BATCH)
         self._uvicorn = _Uvicorn(config, on_started=self._started)
         self.started = threading.Event()
 
@@ -168,10 +211,14 @@ class _Uvicorn:
     the signals to handle_exit."""
 
     def __new__(cls, config, on_started):
+        import asyncio
+
         import uvicorn
 
         class Quiet(uvicorn.Server):
             async def startup(self, sockets=None):
+                from eclip.serve.connections import quiet_exhaustion
+                asyncio.get_running_loop().set_exception_handler(quiet_exhaustion)
                 await super().startup(sockets=sockets)
                 if self.started:
                     on_started()

@@ -11,6 +11,7 @@ every refusal is {"error": "..."} with a 4xx code, and the server goes on servin
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import math
 import os
@@ -20,6 +21,7 @@ from importlib import resources
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -27,7 +29,8 @@ from starlette.routing import Route
 from eclip.data.images import ImageError, load_image
 from eclip.match import gallery_result, pairs_result, search_store
 from eclip.serve.batching import Batcher
-from eclip.serve.guards import AccessLog, BodyLimit, TokenAuth, UploadTooLarge, write_line
+from eclip.serve.guards import AccessLog, BodyLimit, HostCheck, TokenAuth, UploadTooLarge, write_line
+from eclip.serve.pixels import REDUCE, PixelBudget, planned_pixels
 
 MAX_IMAGES = 16              # image files in one request
 MAX_CAPTIONS = 256           # captions in one request
@@ -53,11 +56,14 @@ class ServerState:
     search_method: str = "auto"
     model_info: dict = field(default_factory=dict)
     decode_slots: int = max(2, os.cpu_count() or 2)
+    pixels: PixelBudget = field(default_factory=lambda: PixelBudget(50_000_000))   # decoded pixels held at once
     thumbnails: OrderedDict = field(default_factory=OrderedDict)
 
 
-def build_app(state: ServerState, token: str | None = None, max_upload_bytes: int = 20 * 2 ** 20):
-    """The ASGI application: routes inside the upload limit, the token check, and the access log."""
+def build_app(state: ServerState, token: str | None = None, max_upload_bytes: int = 20 * 2 ** 20,
+              host_names=(), allowed_hosts=()):
+    """The ASGI application: routes inside the upload limit, the token check, the Host and Origin
+    check (`host_names`: the --host name; `allowed_hosts`: --allowed-host) and the access log."""
     import anyio
     decode_limiter = anyio.CapacityLimiter(state.decode_slots)
 
@@ -92,15 +98,41 @@ def build_app(state: ServerState, token: str | None = None, max_upload_bytes: in
     app = BodyLimit(app, max_upload_bytes)
     if token:
         app = TokenAuth(app, token)
-    return AccessLog(app)
+    return AccessLog(HostCheck(app, host_names, allowed_hosts))
 
 
 # ---- reading requests -------------------------------------------------------------------------
 
-def _form(request: Request):
+class Utf8MultiPartParser(MultiPartParser):
+    """Starlette's parser, but a text field that is not UTF-8 is refused: Starlette would decode
+    it as Latin-1, and `eclip match` refuses such text too."""
+
+    def on_part_end(self) -> None:
+        part = self._current_part
+        if part.file is None:
+            try:
+                bytes(part.data).decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise MultiPartException(f"field '{part.field_name[:40]}' is not UTF-8 text "
+                                         f"(byte 0x{part.data[e.start]:02x} at {e.start})") from None
+        super().on_part_end()
+
+
+@contextlib.asynccontextmanager
+async def _form(request: Request):
+    """The multipart form of the request (its files closed on exit); 400 when it is malformed."""
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise RequestError(400, "send multipart/form-data (curl -F image=@photo.jpg -F caption=TEXT)")
-    return request.form(max_files=MAX_IMAGES, max_fields=MAX_CAPTIONS + 8)
+    try:
+        async with contextlib.aclosing(request.stream()) as stream:
+            form = await Utf8MultiPartParser(request.headers, stream, max_files=MAX_IMAGES,
+                                             max_fields=MAX_CAPTIONS + 8).parse()
+    except MultiPartException as e:
+        raise RequestError(400, f"malformed request: {e.message}") from None
+    try:
+        yield form
+    finally:
+        await form.close()
 
 
 def _captions(values: list, what: str = "caption") -> list[str]:
@@ -138,11 +170,12 @@ async def _decode(uploads: list, state: ServerState, limiter) -> tuple[list, lis
     """Uploaded files -> (images after the model's image stage, their names); 400 on a bad file."""
     names = [u.filename or f"image {k}" for k, u in enumerate(uploads, 1)]
 
-    def decode(upload, name):
-        try:
-            return state.batcher.image_stage(load_image(upload.file))
-        except ImageError as e:
-            raise RequestError(400, f"{name}: {e.reason}") from None
+    def decode(upload, name):   # one image at a time per request; all requests within state.pixels
+        with state.pixels.hold(planned_pixels(upload.file)):
+            try:
+                return state.batcher.image_stage(load_image(upload.file, REDUCE))
+            except ImageError as e:
+                raise RequestError(400, f"{name}: {e.reason}") from None
 
     images = [await run_in_threadpool_limited(limiter, decode, u, n) for u, n in zip(uploads, names)]
     return images, names
@@ -219,19 +252,21 @@ async def image(request: Request, state: ServerState, limiter):
     data = state.thumbnails.get(row)
     if data is None:
         path = store.rows("images", [row])[0]["path"]
-        data = await run_in_threadpool_limited(limiter, _thumbnail, path, row)
+        data = await run_in_threadpool_limited(limiter, _thumbnail, path, row, state.pixels)
         state.thumbnails[row] = data
         while len(state.thumbnails) > THUMBNAIL_CACHE:
             state.thumbnails.popitem(last=False)
     return Response(data, media_type="image/jpeg", headers={"cache-control": "private, max-age=3600"})
 
 
-def _thumbnail(path: str, row: int) -> bytes:
-    try:
-        picture = load_image(path)
-    except ImageError as e:
-        raise RequestError(404, f"gallery image {row}: {e.reason}") from None
-    picture.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE))
+def _thumbnail(path: str, row: int, pixels: PixelBudget) -> bytes:
+    reduce = (0, 2 * THUMBNAIL_SIZE)     # any JPEG: a thumbnail needs no more (Pillow's thumbnail() drafts too)
+    with pixels.hold(planned_pixels(path, reduce)):
+        try:
+            picture = load_image(path, reduce)
+        except ImageError as e:
+            raise RequestError(404, f"gallery image {row}: {e.reason}") from None
+        picture.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE))
     out = io.BytesIO()
     picture.save(out, "JPEG", quality=85)
     return out.getvalue()

@@ -1,9 +1,11 @@
 """What stands between a client and the routes (plain ASGI middleware, outermost first):
-the access log, the token check, and the upload limit enforced while the body is read."""
+the access log, the Host and Origin check, the token check, and the upload limit enforced
+while the body is read."""
 from __future__ import annotations
 
 import base64
 import hmac
+import ipaddress
 import json
 import sys
 import time
@@ -70,6 +72,94 @@ class AccessLog:
             await self.app(scope, receive, logged_send)
         finally:
             log()
+
+
+LOCAL_NAMES = ("localhost",)
+
+
+def split_host(value: str) -> tuple[str, int | None]:
+    """'Name:port', '[::1]:port' or a bare name -> (lower-case name without brackets or a final
+    dot, port or None); ('', None) when it is not a host at all."""
+    value = value.strip().lower()
+    port = None
+    if value.startswith("["):
+        name, _, rest = value[1:].partition("]")
+        if rest and not (rest.startswith(":") and rest[1:].isdigit()):
+            return "", None
+        port = int(rest[1:]) if rest else None
+    else:
+        name, colon, rest = value.rpartition(":")
+        if not colon:
+            name = value
+        elif rest.isdigit() and ":" not in name:
+            port = int(rest)
+        else:
+            return "", None
+    name = name.rstrip(".")
+    if not name or any(c in name for c in "/\\@ ?#"):
+        return "", None
+    return name, port
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name.split("%")[0])
+    except ValueError:
+        return False
+    return True
+
+
+class HostCheck:
+    """Answer only requests addressed to this server, as Jupyter does (DNS rebinding).
+
+    A page on another site whose name the attacker points at 127.0.0.1 is same-origin with
+    this server in the browser, which then sends `Host: that-name`: refused (403) unless the
+    name is localhost, the --host name, an --allowed-host entry ('NAME' any port, 'NAME:PORT'
+    that port, '*' any name), or an IP address (a name the browser resolved cannot arrive as an
+    IP literal). A request with an `Origin` (browsers send one with every cross-origin request
+    and every POST) must come from the origin it is addressed to, or from an --allowed-host name
+    (a proxy that rewrites the Host): a page elsewhere can neither send uploads nor read answers."""
+
+    def __init__(self, app, names=(), entries=()):
+        self.app = app
+        self.names = {split_host(n)[0] for n in (*LOCAL_NAMES, *names)} - {""}
+        self.any = "*" in entries
+        self.entries = {split_host(e) for e in entries if e != "*"}
+
+    def allowed(self, host: str) -> bool:
+        name, port = split_host(host)
+        if not name:
+            return False
+        return (self.any or _is_ip(name) or name in self.names or (name, None) in self.entries
+                or (name, port) in self.entries)
+
+    def origin_allowed(self, origin: str, host: str) -> bool:
+        """`Origin: http://NAME[:PORT]` names the same host and port as the `Host` header, or an
+        --allowed-host entry ('*' is no origin's name: it only widens the Host check)."""
+        scheme, sep, rest = origin.strip().lower().partition("://")
+        if not sep or scheme not in ("http", "https"):
+            return False             # 'null' (a sandboxed or file:// page) and anything odd
+        default = 443 if scheme == "https" else 80
+        (name, port), (host_name, host_port) = split_host(rest), split_host(host)
+        if not name:
+            return False
+        port = port or default
+        return ((name, port) == (host_name, host_port or default) or (name, None) in self.entries
+                or (name, port) in self.entries)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        host = headers.get(b"host")      # HTTP/1.1 always has one (h11 refuses a request without)
+        if host is not None and not self.allowed(host.decode("latin-1")):
+            return await send_json(send, 403, {"error": "this server does not answer to that Host name "
+                                                        "(start it with --allowed-host NAME to add one)"})
+        origin = headers.get(b"origin")
+        if origin is not None and not self.origin_allowed(origin.decode("latin-1"), (host or b"").decode("latin-1")):
+            return await send_json(send, 403, {"error": "cross-origin request refused: the page must come "
+                                                        "from this server"})
+        return await self.app(scope, receive, send)
 
 
 class TokenAuth:

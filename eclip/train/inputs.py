@@ -88,23 +88,51 @@ def hold_out(records, fraction: float):
     return [r for r in records if r.image not in val_images], [r for r in records if r.image in val_images]
 
 
+def _stream(cfg: TrainConfig, keys, explanations):
+    """--shuffle-buffer: the shards of --dataset, to be streamed (eclip.data.stream); nothing read but
+    their names and sizes."""
+    from eclip.data.sources import check_source
+    from eclip.data.shardset import open_shard_set
+    if cfg.shuffle_buffer < 0:
+        raise EclipError(f"--shuffle-buffer {cfg.shuffle_buffer}: a number of samples, 0 or more")
+    if check_source(cfg.dataset) != "shards":
+        raise EclipError(f"--shuffle-buffer streams webdataset shards; --dataset {cfg.dataset} is not shards")
+    if cfg.val_fraction is not None:
+        raise EclipError("--shuffle-buffer streams the shards: holding pairs out (--val-fraction) would need "
+                         "them all read first; give --val-dataset or --no-val")
+    return open_shard_set(cfg.dataset, keys, explanations)
+
+
 def read_splits(cfg: TrainConfig):
     """(train records, val records) of a config from resolve_validation (val is [] with no_val)."""
     from eclip.data.readers import read_dataset
     root = Path(cfg.data_root) if cfg.data_root else None
     explanations = Path(cfg.explanations) if cfg.explanations else None
-    train = read_dataset(cfg.dataset, root, cfg.train_split, explanations, image_folder=cfg.image_folder)
+    from eclip.cli.options import columns
+    keys = columns(cfg.image_key, cfg.text_key, cfg.id_key)
+    if cfg.shuffle_buffer is not None:
+        train = _stream(cfg, keys, explanations)
+    else:
+        train = read_dataset(cfg.dataset, root, cfg.train_split, explanations, image_folder=cfg.image_folder,
+                             columns=keys, protocol=cfg.protocol)
+    skipped = getattr(train, "skipped", [])      # samples the reader left out: the trainer logs them
     if cfg.no_val:
         val = []
     elif cfg.val_fraction is not None:
         train, val = hold_out(train, cfg.val_fraction)
     else:
-        val = read_dataset(cfg.val_dataset, root, cfg.val_split, image_folder=cfg.image_folder)
+        # the paper's GoodNews val leaves out pairs without an explanation: it needs them to know which
+        paper_goodnews = cfg.protocol == "paper" and str(cfg.val_dataset).lower() == "goodnews"
+        val = read_dataset(cfg.val_dataset, root, cfg.val_split, explanations if paper_goodnews else None,
+                           image_folder=cfg.image_folder, columns=keys, protocol=cfg.protocol)
         if not val:
             raise EclipError(f"{cfg.val_dataset}: no validation pairs")
     if len(train) < cfg.batch_size:
         raise EclipError(f"--dataset {cfg.dataset}: {len(train)} training pairs, fewer than one batch "
                          f"(--batch-size {cfg.batch_size}; incomplete batches are dropped)")
+    if skipped:
+        from eclip.data.shards import RecordList
+        train = RecordList(train, skipped)
     return train, val
 
 

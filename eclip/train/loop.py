@@ -20,7 +20,7 @@ from eclip.train.record import Recorder, announce, plot_curves
 from eclip.train.rundir import RunDir, with_absolute_paths
 from eclip.train.step import clamp_logit_scale, common_batch, forward_backward, negatives_generator
 
-LOSSES = ("loss", "vtc", "gfm", "vtc_star")
+LOSSES = ("loss", "vtc", "gfm", "vtc_star", "pos_prob")   # pos_prob: GI-ITM's softmax mass on the positive
 
 
 def train(cfg: TrainConfig, resume: bool = False, splits=None) -> dict:
@@ -74,6 +74,7 @@ class Trainer:
         from accelerate.utils import set_seed
 
         from eclip.data.dataset import PairDataset, SkipLog
+        from eclip.model.tower_cache import training_towers
         from eclip.train.inputs import read_splits, resolve_validation, validation_line
         from eclip.train.setup import build_model, cosine_schedule, group_ids, make_optimizer, pair_loader
         acc = self.acc
@@ -83,10 +84,13 @@ class Trainer:
         announce(validation_line(cfg), self.main)   # the run's first line
         set_seed(cfg.seed)
         model = build_model(cfg)
+        model.towers = training_towers(model.clip, cfg.tower_cache_mb, augmented=bool(cfg.augment),
+                                       folder=self.run / "tower-cache" if cfg.tower_cache_disk else None)
         self.train_records, self.val_records = splits or read_splits(cfg)
         self.cfg = cfg
         # EntityCLIP never trains on captions-as-explanations unannounced (plain CLIP reads no explanation)
-        self.fallback = sum(1 for r in self.train_records if not r.explanation) if model.experts is not None else None
+        self.fallback = sum(1 for r in self.train_records if not r.explanation) \
+            if model.experts is not None and not hasattr(self.train_records, "group_ids") else None   # streamed: unknown
         self.facts = {"train_pairs": len(self.train_records), "captions_as_explanations": self.fallback}
         if self.fallback:
             announce(f"EntityCLIP: {self.fallback} of {len(self.train_records)} training pairs have no explanation; "
@@ -103,18 +107,25 @@ class Trainer:
         self.ids = group_ids(self.train_records).to(acc.device)
         self.val_ids = group_ids(self.val_records)
         loader = pair_loader(self.train_records, model, cfg.batch_size, cfg.workers, seed=cfg.seed,
-                             augment=cfg.augment)
+                             augment=cfg.augment, shuffle_buffer=cfg.shuffle_buffer)
         self.batches_per_epoch = len(loader)
         self.total_steps = cfg.epochs * math.ceil(self.batches_per_epoch / cfg.grad_accum)
         optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, acc.device.type)
         scheduler = cosine_schedule(optimizer, self.total_steps, cfg.warmup_steps)
         self.val_set = PairDataset(self.val_records, model.preprocess, model.tokenizer)
-        self.model, self.optimizer, self.loader, self.scheduler = acc.prepare(model, optimizer, loader, scheduler)
+        if getattr(loader, "per_process", False):   # streamed shards: each process reads its own share
+            self.model, self.optimizer, self.scheduler = acc.prepare(model, optimizer, scheduler)
+            self.loader = loader
+        else:
+            self.model, self.optimizer, self.loader, self.scheduler = acc.prepare(model, optimizer, loader, scheduler)
         self.core = acc.unwrap_model(self.model)
 
         latest = self._restore(resume)
         self.rec = Recorder(self.run.path, self.main, cfg.tensorboard, self.t["step"], self.total_steps)
         self.skiplog = SkipLog(self.run / "skipped.jsonl") if self.main else None
+        if self.skiplog is not None and not latest:   # samples without an image or text (shards, parquet)
+            for s in getattr(self.train_records, "skipped", []):
+                self.skiplog.write(**s.to_log())
         self.start = time.perf_counter() - self.t["elapsed_s"]
         self._reset_window(self.t.get("window"))   # a resume inside a logging window continues that window
         where = f"from step {self.t['step']}" if latest else "from the start"
@@ -238,6 +249,7 @@ class Trainer:
     # ---- validation and saving ----
     def _validate(self, epoch: int) -> None:
         from eclip.checkpoint import save_checkpoint
+        from eclip.train.rundir import base_model
         from eclip.train.validate import validate
         cfg, t = self.cfg, self.t
         if cfg.no_val:
@@ -261,18 +273,20 @@ class Trainer:
             if self.main:
                 save_checkpoint(self.core, self.run / "best.safetensors",
                                 extra={"step": t["step"], "epoch": epoch, "val_rsum": metrics["rsum"],
-                                       "val_loss": metrics["val_loss"], "select_by": cfg.select_by})
+                                       "val_loss": metrics["val_loss"], "select_by": cfg.select_by,
+                                       "base_model": base_model(cfg)})
         self.rec.validation(values, best)
 
     def _save(self) -> None:
         from eclip.atomic import same_file
         from eclip.checkpoint import save_checkpoint
+        from eclip.train.rundir import base_model
         t = self.t
         if self.cfg.no_val:     # no validation: the best model is the last
             t["best_epoch"], t["best_step"] = t["epoch"], t["step"]
         if self.main:
             last = save_checkpoint(self.core, self.run / "last.safetensors",
-                                   extra={"step": t["step"], "epoch": t["epoch"]})
+                                   extra={"step": t["step"], "epoch": t["epoch"], "base_model": base_model(self.cfg)})
             if self.cfg.no_val:     # the same file, not written twice (a ViT-L is 1.7 GB)
                 same_file(last, self.run / "best.safetensors")
             t["log_bytes"] = self.rec.log_bytes()

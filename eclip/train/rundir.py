@@ -25,7 +25,8 @@ _NAME = re.compile(r"step-(\d+)")
 
 # Options that may differ when a run is resumed; the rest define the run and must not change.
 RESUMABLE = {"epochs", "workers", "eval_every", "save_every", "log_every", "device", "tensorboard",
-             "grad_checkpointing", "accum_freq"}     # memory and speed only: same results
+             "grad_checkpointing", "accum_freq",      # memory and speed only: same results
+             "tower_cache_mb", "tower_cache_disk"}     # the tower cache changes no result (tests/test_tower_cache.py)
 FLAG = {"lam": "--lambda", "output": "--output"}
 
 
@@ -167,6 +168,13 @@ def absolute_path_option(key: str, value):
         looks_like_file = Path(value).suffix.lower() in WEIGHTS_SUFFIXES or os.path.sep in value
         return absolute(value) if looks_like_file or os.path.isfile(value) else value
     return value
+
+
+def base_model(cfg: TrainConfig) -> str:
+    """The checkpoint header's `base_model`: the model options the run started from (JSON), which
+    `eclip export --wise-ft` and `eclip evaluate --wise-ft` interpolate with."""
+    return json.dumps({"model": cfg.model, "pretrained": cfg.pretrained, "checkpoint": cfg.checkpoint,
+                       "seed": cfg.seed})
 
 
 def with_absolute_paths(cfg: TrainConfig) -> TrainConfig:

@@ -60,7 +60,7 @@ def build_model(cfg: TrainConfig):
     """The EntityCLIP to train, in fp32 on the CPU (Accelerate moves it and handles precision)."""
     from eclip.model.factory import load_model
     spec = replace(cfg.model_spec(), device="cpu", precision="fp32")
-    loss = {k: v for k, v in (("eta", cfg.eta), ("lam", cfg.lam)) if v is not None}
+    loss = {k: v for k, v in (("eta", cfg.eta), ("lam", cfg.lam), ("negatives", cfg.negatives)) if v is not None}
     counts = {k: v for k, v in (("n_vision", cfg.vision_experts), ("n_text", cfg.text_experts),
                                 ("n_shared", cfg.shared_experts)) if v is not None}
     if spec.checkpoint:
@@ -121,6 +121,8 @@ def cosine_schedule(optimizer, total_steps: int, warmup_steps: int = 0):
 def group_ids(records) -> torch.Tensor:
     """A stable 63-bit id per record from its image path: pairs showing the same file are never
     each other's negatives (and a resumed or multi-process run computes the same ids)."""
+    if hasattr(records, "group_ids"):      # streamed shards (eclip.data.stream.ShardSet): one image per sample
+        return records.group_ids()
     ids = [int.from_bytes(hashlib.blake2b(r.image.encode(), digest_size=8).digest(), "little") >> 1
            for r in records]
     return torch.tensor(ids, dtype=torch.long)
@@ -162,10 +164,15 @@ def training_transform(model, augment: dict | None):
 
 
 def pair_loader(records, model, batch_size: int, workers: int, seed: int | None = None,
-                augment: dict | None = None) -> DataLoader:
+                augment: dict | None = None, shuffle_buffer: int | None = None) -> DataLoader:
     """Batches of {indices, images, caption_tokens, explanation_tokens, skipped}; shuffled when `seed` is given,
-    images augmented when `augment` is given (see `training_transform`)."""
+    images augmented when `augment` is given (see `training_transform`). `records` may be a ShardSet: its
+    shards are then streamed, each process reading its own share (eclip.data.stream)."""
     from eclip.data.dataset import PairDataset, collate_pairs
+    if hasattr(records, "group_ids"):
+        from eclip.data.stream import stream_loader
+        return stream_loader(records, training_transform(model, augment), model.tokenizer, batch_size, workers,
+                             seed or 0, shuffle_buffer or 0)
     dataset = PairDataset(records, training_transform(model, augment), model.tokenizer)
     shuffle = seed is not None
     return DataLoader(dataset, batch_size=batch_size, sampler=EpochShuffle(len(dataset), seed) if shuffle else None,

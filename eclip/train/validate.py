@@ -4,6 +4,7 @@ contrastive loss the reference selects its checkpoint by."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
 from eclip.data.dataset import collate_pairs
@@ -25,9 +26,10 @@ def encode_pairs(accelerator, model, dataset, batch_size: int, workers: int):
         skipped += batch["skipped"]
         if not len(batch["indices"]):
             continue
-        with accelerator.autocast():
-            img.append(model.encode_images(batch["images"].to(device)).float())
-            txt.append(model.encode_texts(batch["caption_tokens"].to(device)).float())
+        with accelerator.autocast():     # through model.towers: a locked tower's outputs are computed once
+            img.append(F.normalize(model.towers.encode_image(model.clip, batch["images"].to(device)), dim=-1).float())
+            txt.append(F.normalize(model.towers.encode_text(model.clip, batch["caption_tokens"].to(device)),
+                                   dim=-1).float())
         idx.append(batch["indices"].to(device))
     idx, img, txt = torch.cat(idx), torch.cat(img), torch.cat(txt)
     if world > 1:

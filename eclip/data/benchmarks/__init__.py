@@ -16,9 +16,11 @@ from eclip.errors import EclipError
 BENCHMARKS = ("n24news", "visualnews", "goodnews")
 
 
-def read_benchmark(name: str, root, split: str, image_folder: str | None = None) -> list:
-    """Records of benchmark `name` (one of BENCHMARKS) under `root`, split `split`."""
-    return _module(name).read(root, split, image_folder)
+def read_benchmark(name: str, root, split: str, image_folder: str | None = None, paper: bool = False) -> list:
+    """Records of benchmark `name` (one of BENCHMARKS) under `root`, split `split`; `paper`: as the
+    reference code reads them (--protocol paper: empty captions kept; GoodNews test keeps the
+    images in broken_images.txt)."""
+    return _module(name).read(root, split, image_folder, paper=paper)
 
 
 def authors_key_parts(name: str) -> int:

@@ -4,7 +4,8 @@ Layouts, in the order they are looked for:
 1. the EntityCLIP authors' split files: new_goodnews_capim_{train,val,test}.json, each a list
    of {"image_id": "<article_id>_<index>.jpg", "captioning", "title"}, with broken_images.txt
    (one image file name a line) and images in images/. Read as their reference code reads
-   them: images listed in broken_images.txt are left out; in captions "\\r\\n" becomes a
+   them: images listed in broken_images.txt are left out (kept in test under --protocol paper,
+   as the reference's test reader keeps them); in captions "\\r\\n" becomes a
    space and a lone "\\r" is dropped.
 2. the GoodNews release: the captions file under any of its names (captioning_dataset.json,
    which the repository's combine script writes to data/; article+caption.json, the download;
@@ -35,7 +36,7 @@ LAYOUTS = ("the EntityCLIP authors' new_goodnews_capim_{train,val,test}.json wit
            "img_splits.json (each in the data root or data/) with images/ (resized/ with --image-folder resized)")
 
 
-def read(root, split: str = "train", image_folder: str | None = None) -> list[Record]:
+def read(root, split: str = "train", image_folder: str | None = None, paper: bool = False) -> list[Record]:
     root = _root(root, "GoodNews", "; ".join(LAYOUTS))
     name = split_name("GoodNews", split)
     authors = root / f"new_goodnews_capim_{name}.json"
@@ -44,11 +45,11 @@ def read(root, split: str = "train", image_folder: str | None = None) -> list[Re
     if authors.is_file():
         folder = image_folder_choice(root, "GoodNews", image_folder, ("images", "resized"), ("images",))
         using("GoodNews", f"the EntityCLIP authors' {authors.name} with images in {folder}/")
-        records = _authors_records(root, authors, folder)
+        records = _authors_records(root, authors, folder, keep_broken=paper and name == "test", keep_empty=paper)
     elif captions is not None and splits is not None:
         folder = image_folder_choice(root, "GoodNews", image_folder, ("images", "resized"), ("images",))
         using("GoodNews", f"{captions.relative_to(root)} and {splits.relative_to(root)} with images in {folder}/")
-        records = _release_records(root, captions, splits, name, folder)
+        records = _release_records(root, captions, splits, name, folder, keep_empty=paper)
     else:
         raise no_layout(root, "GoodNews", split, LAYOUTS)
     _report_missing(root, folder, records, name)
@@ -59,11 +60,17 @@ def _first(root, names):
     return next((p for n in names for p in (root / n, root / "data" / n) if p.is_file()), None)
 
 
-def _authors_records(root, path, folder: str) -> list[Record]:
+def _authors_records(root, path, folder: str, keep_broken: bool = False, keep_empty: bool = False) -> list[Record]:
+    """`keep_broken`: the test split under --protocol paper; the reference's test reader (util.py
+    read_dataset) keeps every record, and only its train/val reader skips broken_images.txt."""
     items = _json_list(path, ("image_id", "captioning"))
     broken_file = root / "broken_images.txt"
     broken = set()
-    if broken_file.is_file():
+    if keep_broken:
+        from eclip.console import note
+        note(f"GoodNews: --protocol paper keeps the test images listed in {broken_file.name}, as the reference's "
+             f"test reader does")
+    elif broken_file.is_file():
         broken = {line.strip() for line in broken_file.read_text(encoding="utf-8").splitlines() if line.strip()}
     else:
         from eclip.console import note
@@ -80,15 +87,15 @@ def _authors_records(root, path, folder: str) -> list[Record]:
         caption = d["captioning"]
         if isinstance(caption, str):
             caption = caption.replace("\r\n", " ").replace("\r", "")
-        if _has_caption({"caption": caption, "id": image}, path):
+        if _has_caption({"caption": caption, "id": image}, path, keep_empty):
             records.append(Record(image.removesuffix(".jpg"), _inside(root, f"{folder}/{image}", path), caption))
     if left_out:
         from eclip.console import note
         note(f"GoodNews: left out {left_out} of {len(items)} images listed in {broken_file.name}")
-    return _checked(records, path, kept)
+    return _checked(records, path, kept, number_duplicates=True)
 
 
-def _release_records(root, data_path, splits_path, name: str, folder: str) -> list[Record]:
+def _release_records(root, data_path, splits_path, name: str, folder: str, keep_empty: bool = False) -> list[Record]:
     splits = _load_json(splits_path)
     if not isinstance(splits, dict):
         raise EclipError(f"{splits_path}: expected a JSON object {{image name: split}}")
@@ -106,9 +113,9 @@ def _release_records(root, data_path, splits_path, name: str, folder: str) -> li
             if image_id not in wanted:
                 continue
             seen += 1
-            if isinstance(caption, str) and caption.strip():
+            if isinstance(caption, str) and (keep_empty or caption.strip()):
                 records.append(Record(image_id, _inside(root, f"{folder}/{image_id}.jpg", data_path), caption))
-    return _checked(records, data_path, seen)
+    return _checked(records, data_path, seen, number_duplicates=True)
 
 
 def _report_missing(root, folder: str, records, split: str) -> None:

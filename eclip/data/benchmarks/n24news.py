@@ -8,6 +8,7 @@ Layouts, in the order they are looked for:
    It carries no split: N24News's train/dev/test membership is only in the archive's
    news/nytimes_{train,dev,test}.json, so only `--split all` reads it.
 
+Each record's `section` is its label (`eclip evaluate --task classify`).
 The text of a pair is the caption, not the headline: captions are what name the pictured
 entities. The EntityCLIP authors' explanation files key a record by its image file name.
 """
@@ -24,14 +25,14 @@ LAYOUTS = ("the N24News archive: news/nytimes_{train,dev,test}.json with images 
            "the repository's build output alone: nytimes_dataset.json and images/ (no split: --split all)")
 
 
-def read(root, split: str = "train", image_folder: str | None = None) -> list[Record]:
+def read(root, split: str = "train", image_folder: str | None = None, paper: bool = False) -> list[Record]:
     root = _root(root, "N24News", "; ".join(LAYOUTS))
     name = split_name("N24News", split, val="dev", whole=True)
     split_file, whole_file = root / "news" / f"nytimes_{name}.json", root / "nytimes_dataset.json"
     if name != "all" and split_file.is_file():
         folder = image_folder_choice(root, "N24News", image_folder, ("imgs", "images"), ("imgs", "images"))
         using("N24News", f"news/nytimes_{name}.json with images in {folder}/")
-        return _records(root, split_file, folder)
+        return _records(root, split_file, folder, paper)
     if whole_file.is_file():
         if name != "all":
             raise EclipError(f"{root}: N24News build output (nytimes_dataset.json and images/) has no "
@@ -40,12 +41,19 @@ def read(root, split: str = "train", image_folder: str | None = None) -> list[Re
                              "dataset's README): put those files under news/, or pass --split all")
         folder = image_folder_choice(root, "N24News", image_folder, ("images", "imgs"), ("images", "imgs"))
         using("N24News", f"the build output nytimes_dataset.json (every record) with images in {folder}/")
-        return _records(root, whole_file, folder)
+        return _records(root, whole_file, folder, paper)
     raise no_layout(root, "N24News", split, LAYOUTS)
 
 
-def _records(root, path, folder: str) -> list[Record]:
+def _records(root, path, folder: str, paper: bool = False) -> list[Record]:
     items = _json_list(path, ("image_id", "caption"))
-    records = [Record(str(d["image_id"]), _inside(root, f"{folder}/{d['image_id']}.jpg", path), d["caption"])
-               for d in items if _has_caption(d, path)]
-    return _checked(records, path, len(items))
+    records = [Record(str(d["image_id"]), _inside(root, f"{folder}/{d['image_id']}.jpg", path), d["caption"],
+                      label=_section(d))
+               for d in items if _has_caption(d, path, keep_empty=paper)]
+    return _checked(records, path, len(items), number_duplicates=True)
+
+
+def _section(d: dict):
+    """The record's section (one of N24News's 24 classes), its label for `evaluate --task classify`."""
+    section = str(d.get("section") or "").strip()
+    return section or None

@@ -35,7 +35,7 @@ LAYOUTS = ("the EntityCLIP authors' layout: {train,val,test}.json with images un
            "the official release origin/data.json or data.json, images beside it (no split: --split all)")
 
 
-def read(root, split: str = "train", image_folder: str | None = None) -> list[Record]:
+def read(root, split: str = "train", image_folder: str | None = None, paper: bool = False) -> list[Record]:
     root = _root(root, "VisualNews", "; ".join(LAYOUTS))
     if image_folder is not None:
         raise EclipError(f"--image-folder {image_folder}: VisualNews image folders follow from its layout "
@@ -46,7 +46,7 @@ def read(root, split: str = "train", image_folder: str | None = None) -> list[Re
     if name != "all" and split_file.is_file():
         base = next((f for f in ("images", "origin") if (root / f).is_dir()), "")
         using("VisualNews", f"{name}.json with images under {base + '/' if base else 'the data root'}")
-        return _records(root, base, split_file)
+        return _records(root, base, split_file, paper)
     if release is not None:
         if name != "all":
             raise EclipError(f"{root}: the VisualNews release ({release.relative_to(root)}) has no train/val/test "
@@ -55,11 +55,11 @@ def read(root, split: str = "train", image_folder: str | None = None) -> list[Re
                              "--split all")
         base = "origin" if release.parent != root else ""
         using("VisualNews", f"every record of {release.relative_to(root)} (the release has no split)")
-        return _records(root, base, release)
+        return _records(root, base, release, paper)
     raise no_layout(root, "VisualNews", split, LAYOUTS)
 
 
-def _records(root, base: str, path) -> list[Record]:
+def _records(root, base: str, path, paper: bool = False) -> list[Record]:
     """Records whose image_path ("./bbc/images/0537/663.jpg") lies under root/base."""
     items = _json_list(path, ("id", "caption", "image_path"))
     folder = root / base if base else root
@@ -67,6 +67,7 @@ def _records(root, base: str, path) -> list[Record]:
     for d in items:
         if not isinstance(d["image_path"], str):
             raise EclipError(f"{path}: image_path of record {d['id']!r} is not text")
-        if _has_caption(d, path):
-            records.append(Record(str(d["id"]), _inside(folder, d["image_path"], path), d["caption"]))
-    return _checked(records, path, len(items))
+        if _has_caption(d, path, keep_empty=paper):
+            records.append(Record(str(d["id"]), _inside(folder, d["image_path"], path), d["caption"],
+                                  label=str(d.get("topic") or "").strip() or None))   # its topic: a class
+    return _checked(records, path, len(items), number_duplicates=True)

@@ -15,7 +15,17 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from typing import Iterator, Optional
 
 from eclip.errors import EclipError
+from eclip.explain.backends.deadline import DeadlineHTTPHandler, DeadlineHTTPSHandler
 from eclip.explain.backends.huggingface import DEFAULT_MAX_NEW_TOKENS
+
+# An answer of N tokens is at most ENVELOPE_BYTES + N * BYTES_PER_TOKEN bytes (a token's text, JSON-escaped
+# as \uXXXX pairs at worst; the envelope: id, usage, fingerprints): a longer body is not read further.
+ENVELOPE_BYTES = 64 << 10
+BYTES_PER_TOKEN = 128
+# The explanation kept: N * CHARS_PER_TOKEN characters (English averages about 4 per token); a server that
+# ignores max_tokens gets its answer cut there, and counted.
+CHARS_PER_TOKEN = 12
+ERROR_BYTES = 64 << 10     # of an error's body (only a snippet is shown)
 
 
 class EndpointBackend:
@@ -28,7 +38,12 @@ class EndpointBackend:
     such as the line ending of a key read from a file, is dropped) and only ever put in the
     Authorization header of requests to the --endpoint address: a redirect to another
     address (host, port or scheme) is refused, and the key is masked in every text the
-    backend returns (answers and errors that echo it) and in its error messages."""
+    backend returns (answers and errors that echo it) and in its error messages.
+
+    `timeout` is a deadline for each request as a whole (connecting, sending, the last byte of the
+    answer), not for each read: a server dripping its answer cannot hold a request longer. An answer
+    is read up to a size its `max_new_tokens` can fill (larger: the item fails, unread), and the text
+    kept is cut at max_new_tokens * CHARS_PER_TOKEN characters (`answers_cut` counts those)."""
 
     def __init__(self, url: str, model: str, *, api_key_env: Optional[str] = None, concurrency: int = 4,
                  timeout: float = 60.0, retries: int = 4, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
@@ -50,6 +65,10 @@ class EndpointBackend:
         self.timeout = timeout
         self.retries = retries
         self.max_new_tokens = max_new_tokens
+        self.max_answer_bytes = ENVELOPE_BYTES + max_new_tokens * BYTES_PER_TOKEN
+        self.max_chars = max(max_new_tokens, 1) * CHARS_PER_TOKEN
+        self.answers_cut = 0
+        self._cut_lock = threading.Lock()
         self.seed = seed
         self.backoff = backoff
         self.max_backoff = max_backoff
@@ -59,7 +78,8 @@ class EndpointBackend:
         if key:
             self._headers["Authorization"] = f"Bearer {key}"
         self._key = key
-        self._opener = urllib.request.build_opener(_SameOriginRedirects(bool(key)))
+        self._opener = urllib.request.build_opener(_SameOriginRedirects(bool(key)), DeadlineHTTPHandler(),
+                                                   DeadlineHTTPSHandler())
         self._stop = threading.Event()
 
     def __repr__(self):
@@ -91,10 +111,11 @@ class EndpointBackend:
             retry_after = None
             try:
                 request = urllib.request.Request(self.url, data=body, headers=self._headers, method="POST")
+                request.deadline = time.monotonic() + self.timeout
                 with self._opener.open(request, timeout=self.timeout) as response:
-                    raw = response.read()
+                    raw = response.read(self.max_answer_bytes + 1)
             except urllib.error.HTTPError as e:
-                detail = _snippet(self._scrub(_text(e.read() if e.fp else b"")))   # mask, then cut
+                detail = _snippet(self._scrub(self._error_body(e)))   # mask, then cut
                 error = self._scrub(f"HTTP {e.code} {e.reason}" + (f": {detail}" if detail else ""))
                 if e.code in (401, 403, 404):
                     raise EclipError(f"{self.url}: {error}" + (
@@ -111,6 +132,9 @@ class EndpointBackend:
             except (ConnectionError, http.client.HTTPException, OSError) as e:
                 error = self._scrub(f"connection failed: {type(e).__name__}: {e}")
             else:
+                if len(raw) > self.max_answer_bytes:   # not retried: the same question gets the same answer
+                    return None, (f"the answer is larger than {self.max_answer_bytes} bytes, far more than "
+                                  f"max_tokens {self.max_new_tokens} allows (the rest was not read)")
                 return self._parse(raw)
             if attempt < self.retries and self._stop.wait(self._delay(attempt, retry_after)):
                 return None, "cancelled"
@@ -123,12 +147,29 @@ class EndpointBackend:
             return None, f"malformed response (not an OpenAI chat completion): {_snippet(self._scrub(_text(raw)))}"
         if not isinstance(text, str) or not text.strip():
             return None, "the model generated no text"
-        return self._scrub(text.strip()), None
+        text = self._scrub(text.strip())
+        if len(text) > self.max_chars:   # the server ignored max_tokens
+            text = text[:self.max_chars].rstrip()
+            with self._cut_lock:
+                self.answers_cut += 1
+        return text, None
+
+    def _error_body(self, e) -> str:
+        """The start of an error's body; never a cut-off piece of the key at its end."""
+        try:
+            raw = e.read(ERROR_BYTES + 1) if e.fp else b""
+        except (OSError, http.client.HTTPException):
+            return ""
+        text = _text(raw[:ERROR_BYTES])
+        if len(raw) > ERROR_BYTES and self._key:
+            text = text[:-len(self._key)]
+        return text
 
     def generate(self, prompts: list) -> Iterator[tuple]:
         if not prompts:
             return
         self._stop.clear()
+        self.answers_cut = 0
         pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="eclip-explain")
         pending = {}
         next_index = 0
@@ -199,4 +240,7 @@ class _SameOriginRedirects(urllib.request.HTTPRedirectHandler):
             raise EclipError(f"{req.full_url}: the server redirects (HTTP {code}) to {newurl}, another address; "
                              f"eclip does not send the API key there (point --endpoint at that address if you "
                              f"trust it)")
-        return super().redirect_request(req, fp, code, msg, headers, newurl)
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None:
+            new.deadline = getattr(req, "deadline", None)   # the redirect is part of the same request
+        return new
