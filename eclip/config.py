@@ -172,7 +172,8 @@ class TrainConfig:
     forward pass, split evenly over the processes (N processes with batch_size B train like
     one process with B). `grad_accum` sums gradients of several such batches per optimizer
     step; it saves memory but does not add negatives. Steps (`eval_every`, `save_every`,
-    `log_every`, `warmup_steps`) count optimizer steps.
+    `log_every`, `warmup_steps`) count optimizer steps. `accum_freq` computes each batch in that
+    many micro-batches with the same loss and gradient (and all its negatives): it saves memory only.
     """
     output: str                           # RUN_DIR
     dataset: Optional[str] = None         # n24news | visualnews | goodnews | FILE.jsonl / FILE.csv
@@ -203,6 +204,11 @@ class TrainConfig:
     seed: int = 42
     lock_image: bool = False
     lock_text: bool = False
+    lock_image_unlocked_groups: int = 0   # freeze the image tower but its last N layer groups (open_clip's)
+    lock_text_unlocked_layers: int = 0    # freeze the text tower but its last N layers (open_clip's)
+    lock_image_freeze_bn_stats: bool = False   # frozen batch-norm layers keep their running statistics
+    grad_checkpointing: bool = False      # recompute tower blocks and experts in backward: less memory
+    accum_freq: int = 1                   # compute each batch in this many micro-batches, same loss and gradient
     tower_cache_mb: float = 1024          # a fully locked tower's outputs, kept per distinct input (0: off)
     tower_cache_disk: bool = False        # also keep them in RUN_DIR/tower-cache/ (survives a resume)
     eta: Optional[float] = None           # None: LossConfig's default (or the checkpoint's)

@@ -5,7 +5,8 @@
     torchrun ... tests/dist_step.py OUT.safetensors MODEL.json train --dataset ...          # then `eclip train`
 
 Process 0 writes the loss terms (averaged over processes) and every parameter's gradient
-after eclip's own step function (forward, gathered loss, accelerator.backward, DDP averaging).
+after eclip's own step function (forward, gathered loss, accelerator.backward, DDP averaging), then
+the same step in micro-batches of two pairs (--accum-freq) to OUT-accum.safetensors.
 Further arguments then run the `eclip` command line in the same processes (one launch, not two).
 """
 import sys
@@ -45,15 +46,19 @@ def run(out_path: str, config_path: str) -> None:
     mine = slice(acc.process_index * share, (acc.process_index + 1) * share)
     model = acc.prepare(model)
     batch = {"images": images[mine], "caption_tokens": captions[mine], "explanation_tokens": explanations[mine]}
-    out = forward_backward(acc, model, batch, GROUPS[mine], negatives_generator(42, 0), experts=True)
-    losses = acc.reduce(torch.stack([out[k].detach() for k in ("loss", "vtc", "gfm", "vtc_star")]), "mean")
-    if acc.is_main_process:
-        tensors = {"losses": losses.contiguous()}
-        for name, p in acc.unwrap_model(model).named_parameters():
-            if p.grad is not None:
-                tensors["grad." + name] = p.grad.contiguous()
-        save_file(tensors, out_path)
-    acc.wait_for_everyone()
+    # then the same step again in micro-batches of 2 per process (--accum-freq), to OUT-accum.safetensors
+    for accum_freq, path in ((1, out_path), (share // 2, out_path.replace(".safetensors", "-accum.safetensors"))):
+        acc.unwrap_model(model).zero_grad(set_to_none=True)
+        out = forward_backward(acc, model, batch, GROUPS[mine], negatives_generator(42, 0), experts=True,
+                               accum_freq=accum_freq)
+        losses = acc.reduce(torch.stack([out[k].detach() for k in ("loss", "vtc", "gfm", "vtc_star")]), "mean")
+        if acc.is_main_process:
+            tensors = {"losses": losses.contiguous()}
+            for name, p in acc.unwrap_model(model).named_parameters():
+                if p.grad is not None:
+                    tensors["grad." + name] = p.grad.contiguous()
+            save_file(tensors, path)
+        acc.wait_for_everyone()
 
 
 if __name__ == "__main__":

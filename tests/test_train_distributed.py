@@ -41,12 +41,16 @@ def launched(flags, tiny_config_path, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_two_processes_give_the_loss_and_gradients_of_one(launched, tmp_path, tiny_config_path):
+def test_two_processes_give_the_loss_and_gradients_of_one_also_in_micro_batches(launched, tmp_path, tiny_config_path):
     from dist_step import run
     one = tmp_path / "one.safetensors"
     run(str(one), str(tiny_config_path))           # one process, the whole batch, here
-    a, b = load_file(one), load_file(launched[0])
+    a = load_file(one)
+    for b in (load_file(launched[0]), load_file(str(launched[0]).replace(".safetensors", "-accum.safetensors"))):
+        same_step(a, b)
 
+
+def same_step(a, b):
     loss, vtc, gfm, vtc_star = a["losses"].tolist()
     assert gfm > 0 and vtc_star > 0                 # the experts and hard negatives took part
     torch.testing.assert_close(b["losses"], a["losses"], rtol=1e-5, atol=1e-6)

@@ -13,6 +13,7 @@ from eclip.cli.options import (Checkpoint, DataRoot, Dataset, Device, Explanatio
                                Model, Precision, Pretrained, TextKey, model_spec, user_errors)
 
 OPT, EXP, RUN = "Optimisation (defaults: METHOD.md)", "EntityCLIP", "Run"
+MEM = "Memory (README: training on a small GPU)"
 
 HELP = """Fine-tune EntityCLIP on image-text pairs (or plain CLIP with --no-experts, the baseline).
 
@@ -86,11 +87,27 @@ def train(
     weight_decay: Annotated[OptFloat, _float(OPT, "0", min=0.0)] = None,
     warmup_steps: Annotated[OptInt, _int(OPT, "0", "Linear warm-up steps, then cosine decay to 0 over "
                                                    "all steps.", min=0)] = None,
-    grad_accum: Annotated[OptInt, _int(OPT, "1", "Batches per optimizer step (saves memory; negatives "
-                                                 "still come from one batch).", min=1)] = None,
+    grad_accum: Annotated[OptInt, _int(OPT, "1", "Batches per optimizer step: their gradients are summed, but "
+                                                 "negatives still come from one batch (for memory use "
+                                                 "--accum-freq).", min=1)] = None,
+    accum_freq: Annotated[OptInt, _int(MEM, "1", "Compute each batch in N equal micro-batches: the whole batch's "
+                                                 "loss, gradient and negatives, with the memory of a micro-batch "
+                                                 "(the towers run twice). Must divide --batch-size.", min=1)] = None,
+    grad_checkpointing: Annotated[OptBool, _opt(
+        MEM, None, "Recompute the towers' blocks and the experts in the backward pass: far less activation "
+        "memory, the same results, one more forward pass of each.", "--grad-checkpointing")] = None,
     seed: Annotated[OptInt, _int(OPT, "42")] = None,
     lock_image: Annotated[OptBool, _opt(OPT, None, "Freeze the image tower.", "--lock-image")] = None,
     lock_text: Annotated[OptBool, _opt(OPT, None, "Freeze the text tower.", "--lock-text")] = None,
+    lock_image_unlocked_groups: Annotated[OptInt, _int(
+        MEM, "0", "Freeze the image tower except its last N layer groups (open_clip's: patch embedding, each "
+        "block, the projection).", min=0)] = None,
+    lock_text_unlocked_layers: Annotated[OptInt, _int(
+        MEM, "0", "Freeze the text tower except its last N layer groups (open_clip's: embeddings, each block, "
+        "the projection).", min=0)] = None,
+    lock_image_freeze_bn_stats: Annotated[OptBool, _opt(
+        MEM, None, "Also freeze the running statistics of a locked image tower's batch norms (ResNet, timm).",
+        "--lock-image-freeze-bn-stats")] = None,
     tower_cache_mb: Annotated[OptFloat, _float(
         OPT, "1024", "Memory for a locked tower's outputs, computed once per distinct caption (and image, "
         "without --augment) instead of every step; 0: off.", min=0.0)] = None,
@@ -153,8 +170,12 @@ def train(
             "pretrained": spec.pretrained, "checkpoint": spec.checkpoint, "device": spec.device,
             "precision": spec.precision, "epochs": epochs, "batch_size": batch_size, "lr": lr,
             "weight_decay": weight_decay, "warmup_steps": warmup_steps, "grad_accum": grad_accum, "seed": seed,
-            "lock_image": lock_image, "lock_text": lock_text, "tower_cache_mb": tower_cache_mb,
-            "tower_cache_disk": tower_cache_disk, "eta": eta, "lam": lam, "negatives": negatives,
+            "lock_image": lock_image, "lock_text": lock_text, "eta": eta, "lam": lam, "negatives": negatives,
+            "lock_image_unlocked_groups": lock_image_unlocked_groups,
+            "lock_text_unlocked_layers": lock_text_unlocked_layers,
+            "lock_image_freeze_bn_stats": lock_image_freeze_bn_stats, "grad_checkpointing": grad_checkpointing,
+            "accum_freq": accum_freq,
+            "tower_cache_mb": tower_cache_mb, "tower_cache_disk": tower_cache_disk,
             "vision_experts": vision_experts, "text_experts": text_experts, "shared_experts": shared_experts,
             "no_experts": no_experts, "augment": AUGMENT if augment else None, "select_by": select_by,
             "workers": workers, "eval_every": eval_every, "save_every": save_every,

@@ -83,83 +83,91 @@ class EntityCLIP(nn.Module):
         group_ids [b] (optional): pairs sharing an id (e.g. the same image file) are never
         drawn as each other's negatives. `generator` makes negative sampling reproducible.
         """
+        return self.objective(self.tower_outputs(images, captions, explanations), group_ids, generator)
+
+    def tower_outputs(self, images, captions, explanations) -> dict:
+        """What the objective reads from the CLIP towers, per pair: every tensor's first dimension
+        is the batch, and each row depends on its own pair only, so a batch's outputs are its
+        micro-batches' outputs concatenated (eclip.train.accumulate relies on this)."""
         if not self.token_note_given:
             self.token_note_given = True
             if message := self.token_note():
                 note(message)
-        b = images.shape[0]
-        scale = self.logit_scale
         if self.experts is None:       # plain CLIP fine-tuning: explanations are not needed
-            vtc = vtc_loss(F.normalize(self.towers.encode_image(self.clip, images), dim=-1),
-                           F.normalize(self.towers.encode_text(self.clip, captions), dim=-1), scale)
-            return {"loss": vtc, "vtc": vtc.detach()}
-        v_tok, v_cls = self.towers.image_tokens(self.clip, images)           # [b,1+P,D], [b,D]
+            return {"v_cls": self.towers.encode_image(self.clip, images), "t_cls": self.towers.encode_text(self.clip, captions)}
+        b = images.shape[0]
+        v_tok, v_cls = self.towers.image_tokens(self.clip, images)                       # [b,1+P,D], [b,D]
         t_all, t_pool, _, pad_all = self.towers.text_tokens(self.clip, torch.cat([captions, explanations]))
-        t_tok, e_tok, t_cls = t_all[:b], t_all[b:], t_pool[:b]                # [b,L,D] x2, [b,D]
-        t_pad, e_pad = pad_all[:b], pad_all[b:]
-        vtc = vtc_loss(F.normalize(v_cls, dim=-1), F.normalize(t_cls, dim=-1), scale)
+        return {"v_tok": v_tok, "v_cls": v_cls, "t_tok": t_all[:b], "t_cls": t_pool[:b], "t_pad": pad_all[:b],
+                "e_tok": t_all[b:], "e_pad": pad_all[b:]}                    # [b,L,D] x2, [b,D], [b,L] x2
 
+    def objective(self, towers: dict, group_ids=None, generator=None) -> dict:
+        """L = VTC(V_cls, T_cls) + eta * L_GFM + lambda * VTC(V*, T*) from `tower_outputs`."""
+        scale = self.logit_scale
+        v_cls, t_cls = towers["v_cls"], towers["t_cls"]
+        vtc = vtc_loss(F.normalize(v_cls, dim=-1), F.normalize(t_cls, dim=-1), scale)
+        if self.experts is None:
+            return {"loss": vtc, "vtc": vtc.detach()}
         ex = self.experts
-        e_kv = ex.shared_keys_values(e_tok)                                   # once per step
-        vision = ex.vision_outputs(v_cls, v_tok)                              # [b,nv,D]
-        image_side = torch.cat([vision, ex.shared_outputs(v_cls, e_kv, e_pad)], dim=1)
-        text_side = torch.cat([ex.text_outputs(t_cls, t_tok, t_pad),
-                               ex.shared_outputs(t_cls, e_kv, e_pad)], dim=1)  # [b,nt+ns,D]
+        v_all, t_all = gather(v_cls), gather(t_cls)
+        neg_text, neg_image, pos_prob = self._hard_negatives(v_cls, t_cls, v_all, t_all, group_ids, generator, scale)
+        r1 = (neg_text >= 0).nonzero().squeeze(1)     # image r1 with hard negative caption j (and j's explanation)
+        r2 = (neg_image >= 0).nonzero().squeeze(1)    # hard negative image k with caption r2 (and r2's explanation)
+        j, k = neg_text[r1], neg_image[r2]
+
+        vision = ex.vision_outputs(v_cls, towers["v_tok"])                            # [b,nv,D]
+        text = ex.text_outputs(t_cls, towers["t_tok"], towers["t_pad"])               # [b,nt,D]
+        # the shared experts, once for all their uses: explanation i is read by V_i, T_i and the
+        # negative image of caption i (any image where caption i has none: unused); image r1 reads j's
+        queries = torch.stack([v_cls, t_cls, v_all[neg_image.clamp(min=0)]], dim=1)  # [b,3,D]
+        e_tok, e_pad = towers["e_tok"], towers["e_pad"]
+        extra = (None, None) if world()[1] == 1 else (gather(e_tok)[j], gather(e_pad)[j])
+        shared, shared_neg = ex.shared_pass(queries, e_tok, e_pad, v_cls[r1], j, *extra)   # [b,3,ns,D], [R,ns,D]
+        image_side = torch.cat([vision, shared[:, 0]], dim=1)                         # [b,nv+ns,D]
+        text_side = torch.cat([text, shared[:, 1]], dim=1)                            # [b,nt+ns,D]
         v_star = ex.gated(image_side, v_cls, ex.image_gate)
         t_star = ex.gated(text_side, t_cls, ex.text_gate)
         vtc_star = vtc_loss(v_star, t_star, scale)
 
-        gfm, pos_prob = self._matching_loss(v_cls, t_cls, vision, image_side, text_side, e_kv, e_pad,
-                                            group_ids, generator, scale)
+        # L_GFM over positives, (image, hard negative caption) and (hard negative image, caption)
+        pairs = [(v_cls, t_cls, torch.cat([image_side, text_side], dim=1), 1)]
+        if r1.numel():
+            text_side_all = gather(text_side)
+            pairs.append((v_cls[r1], t_all[j], torch.cat([vision[r1], shared_neg, text_side_all[j]], dim=1), 0))
+        if r2.numel():
+            img = torch.cat([gather(vision)[k], shared[r2, 2]], dim=1)
+            pairs.append((v_all[k], t_cls[r2], torch.cat([img, text_side[r2]], dim=1), 0))
+        logits = self.itm(torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs]),
+                          torch.cat([p[2] for p in pairs]))
+        labels = torch.cat([torch.full((p[0].shape[0],), p[3], dtype=torch.long) for p in pairs]).to(logits.device)
+        gfm = F.cross_entropy(logits, labels)
         loss = vtc + self.config.loss.eta * gfm + self.config.loss.lam * vtc_star
         return {"loss": loss, "vtc": vtc.detach(), "gfm": gfm.detach(), "vtc_star": vtc_star.detach(),
                 "pos_prob": pos_prob}
 
-    def _matching_loss(self, v_cls, t_cls, vision, image_side, text_side, e_kv, e_pad, group_ids, generator,
-                       scale):
-        """L_GFM over positives, (image, hard negative caption) and (hard negative image, caption), and the
-        mean softmax mass on the positives of the rows the negatives are drawn from (logged as pos_prob).
+    def _hard_negatives(self, v_cls, t_cls, v_all, t_all, group_ids, generator, scale):
+        """(negative caption per image, negative image per caption) [b] as global-batch indices, -1: none,
+        and the mean softmax mass on the positives of the rows they are drawn from (logged as pos_prob).
 
-        Negatives are drawn from softmax of the contrastive *logits*, exp(logit_scale) * cosine, as in
-        the reference and ALBEF: softmax of raw cosines (range -1..1) is almost uniform, so the
-        "hard" negatives would be random ones.
-
-        Negatives come from the global batch: what a pair needs from another process (its
-        explanation's keys/values, expert outputs) is gathered with gradient. Each negative caption brings its
-        own explanation and its own EOT read-out (its text-side expert outputs).
+        Drawn from softmax of the contrastive *logits*, exp(logit_scale) * cosine, as in the
+        reference and ALBEF: softmax of raw cosines (range -1..1) is almost uniform, so the "hard"
+        negatives would be random ones. Negatives come from the global batch: what a pair needs
+        from another process (its explanation, expert outputs) is gathered with gradient; each
+        negative caption brings its own explanation and its own EOT read-out.
         """
-        ex, b = self.experts, v_cls.shape[0]
+        b, device = v_cls.shape[0], v_cls.device
         rank, _ = world()
-        v_all, t_all = gather(v_cls), gather(t_cls)
-        vision_all, text_side_all = gather(vision), gather(text_side)
-        e_kv_all, e_pad_all = [(gather(k), gather(v)) for k, v in e_kv], gather(e_pad)
         n = v_all.shape[0]
-        local = torch.arange(b, device=v_cls.device) + rank * b
-        ids = group_ids if group_ids is not None else local
-        ids_all = gather(ids.to(v_cls.device))
-        positive = ids.to(v_cls.device)[:, None] == ids_all[None, :]          # [b, n]
+        local = torch.arange(b, device=device) + rank * b
+        ids = group_ids.to(device) if group_ids is not None else local
+        ids_all = gather(ids)
+        positive = ids[:, None] == ids_all[None, :]                          # [b, n]
         positive[torch.arange(b), local] = True
         with torch.no_grad():
             vn, tn = F.normalize(v_cls, dim=-1), F.normalize(t_cls, dim=-1)
-            u = shared_uniforms(n, v_cls.device, generator)[:, local]
+            u = shared_uniforms(n, device, generator)[:, local]
             draw = reference_negative_indices if self.config.loss.negatives == "reference" else hard_negative_indices
             i2t, t2i = scale * (vn @ F.normalize(t_all, dim=-1).T), scale * (tn @ F.normalize(v_all, dim=-1).T)
             neg_text, neg_image = draw(i2t, positive, u[0]), draw(t2i, positive, u[1])
             pos_prob = (positive_probability(i2t, positive) + positive_probability(t2i, positive)) / 2
-
-        pairs = [(v_cls, t_cls, torch.cat([image_side, text_side], dim=1), 1)]
-        r = (neg_text >= 0).nonzero().squeeze(1)
-        if r.numel():          # image r with a hard negative caption j (and j's explanation)
-            j = neg_text[r]
-            img = torch.cat([vision[r], ex.shared_outputs(v_cls[r], e_kv_all, e_pad_all, rows=j)], dim=1)
-            pairs.append((v_cls[r], t_all[j], torch.cat([img, text_side_all[j]], dim=1), 0))
-        r = (neg_image >= 0).nonzero().squeeze(1)
-        if r.numel():          # hard negative image k with caption r (and r's explanation)
-            k = neg_image[r]
-            img = torch.cat([vision_all[k], ex.shared_outputs(v_all[k], e_kv, e_pad, rows=r)], dim=1)
-            pairs.append((v_all[k], t_cls[r], torch.cat([img, text_side[r]], dim=1), 0))
-
-        logits = self.itm(torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs]),
-                          torch.cat([p[2] for p in pairs]))
-        labels = torch.cat([torch.full((p[0].shape[0],), p[3], dtype=torch.long) for p in pairs]).to(logits.device)
-        return F.cross_entropy(logits, labels), pos_prob
+        return neg_text, neg_image, pos_prob

@@ -22,8 +22,10 @@ def check_inputs(cfg: TrainConfig, resume: bool = False):
         raise EclipError("--dataset is required (or --resume RUN_DIR to continue a run)")
     if not resume:
         RunDir(cfg.output).check_fresh()
+    from eclip.train.towers import check_tower_options
+    check_accum_freq(cfg.batch_size, cfg.accum_freq)
     splits = read_splits(resolve_validation(cfg))
-    resolve_source(cfg.model_spec())
+    check_tower_options(cfg, resolve_source(cfg.model_spec()).clip_config)
     return splits
 
 
@@ -132,3 +134,16 @@ def read_splits(cfg: TrainConfig):
         from eclip.data.shards import RecordList
         train = RecordList(train, skipped)
     return train, val
+
+
+def check_accum_freq(batch_size: int, accum_freq: int, processes: int = 1) -> None:
+    """EclipError unless --accum-freq splits --batch-size into equal micro-batches (on every process)."""
+    if accum_freq < 1:
+        raise EclipError(f"--accum-freq {accum_freq}: at least 1")
+    if batch_size % accum_freq:
+        fits = [k for k in range(2, min(batch_size, 64) + 1) if batch_size % k == 0][:6]
+        raise EclipError(f"--accum-freq {accum_freq}: does not divide --batch-size {batch_size} into equal "
+                         f"micro-batches (divisors: {', '.join(map(str, fits)) or 'none'})")
+    if (batch_size // accum_freq) % processes:
+        raise EclipError(f"--accum-freq {accum_freq}: micro-batches of {batch_size // accum_freq} do not split "
+                         f"evenly over {processes} processes")

@@ -175,7 +175,8 @@ class Trainer:
             lr = self.scheduler.get_last_lr()[0]
             generator = negatives_generator(cfg.seed, epoch * self.batches_per_epoch + i)
             with acc.accumulate(self.model):
-                out = forward_backward(acc, self.model, batch, self.ids[batch["indices"]], generator, self.experts)
+                out = forward_backward(acc, self.model, batch, self.ids[batch["indices"]], generator, self.experts,
+                                       cfg.accum_freq)
                 self.optimizer.step()
                 self.scheduler.step()
                 self.optimizer.zero_grad()

@@ -51,6 +51,8 @@ def make_accelerator(cfg: TrainConfig):
     if cfg.batch_size % accelerator.num_processes:
         raise EclipError(f"--batch-size {cfg.batch_size}: the global batch must split evenly over "
                          f"{accelerator.num_processes} processes")
+    from eclip.train.inputs import check_accum_freq
+    check_accum_freq(cfg.batch_size, cfg.accum_freq, accelerator.num_processes)
     return accelerator
 
 
@@ -66,10 +68,8 @@ def build_model(cfg: TrainConfig):
         _adopt(model, cfg, counts, loss)
     else:
         model = load_model(spec, experts=ExpertConfig(**counts, enabled=not cfg.no_experts), loss=LossConfig(**loss))
-    if cfg.lock_image:
-        model.clip.lock_image_tower()
-    if cfg.lock_text:
-        model.clip.lock_text_tower()
+    from eclip.train.towers import apply_tower_options
+    apply_tower_options(model, cfg)      # --lock-*, --grad-checkpointing
     return model
 
 

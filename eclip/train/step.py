@@ -33,12 +33,18 @@ def common_batch(accelerator, batch: dict):
     return (batch if n else None), skipped
 
 
-def forward_backward(accelerator, model, batch: dict, group_ids: torch.Tensor, generator, experts: bool) -> dict:
-    """Loss of the batch (dict of scalars), gradients accumulated through accelerator.backward."""
+def forward_backward(accelerator, model, batch: dict, group_ids: torch.Tensor, generator, experts: bool,
+                     accum_freq: int = 1) -> dict:
+    """Loss of the batch (dict of scalars), gradients accumulated through accelerator.backward;
+    with `accum_freq` > 1 computed in that many micro-batches (eclip.train.accumulate)."""
     captions = batch["caption_tokens"]
     # Without experts nothing reads the explanation tokens: an empty batch of them skips
     # a second text-tower pass the plain CLIP baseline does not pay for.
     explanations = batch["explanation_tokens"] if experts else captions[:0]
+    if accum_freq > 1:
+        from eclip.train.accumulate import accumulated_forward_backward
+        return accumulated_forward_backward(accelerator, model, batch["images"], captions, explanations,
+                                            group_ids.to(captions.device), generator, accum_freq)
     out = model(batch["images"], captions, explanations, group_ids=group_ids.to(captions.device),
                 generator=generator)
     accelerator.backward(out["loss"])
