@@ -27,6 +27,18 @@ def sets(tmp_path_factory):
     return {"jsonl": str(jsonl), "model": str(flags / "tiny32.json"), **formats}
 
 
+@pytest.fixture
+def one_thread():
+    """Bit-for-bit equal weights are asked of runs that differ in their data source only. Since the
+    grouped experts (issue 26) an EntityCLIP step on 2 threads is not bit-reproducible (weights move
+    by ~1e-4 over an epoch: README, Training), so these runs use one thread, as the demo's do."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def cli(*argv, code=0):
     result = CliRunner(mix_stderr=False).invoke(app, [str(a) for a in argv])
     assert result.exit_code == code, (result.stdout, result.stderr, result.exception)
@@ -93,7 +105,7 @@ def _train(sets, name, out, *extra, dataset=None):
 
 
 @pytest.mark.slow
-def test_one_epoch_from_shards_and_parquet_gives_the_weights_of_jsonl(sets, tmp_path):
+def test_one_epoch_from_shards_and_parquet_gives_the_weights_of_jsonl(sets, tmp_path, one_thread):
     from safetensors.torch import load_file as load
     base = load(Path(_train(sets, "jsonl", tmp_path / "a")["last_checkpoint"]))
     for name in ("shards", "parquet", "files"):
@@ -361,7 +373,7 @@ def test_stream_keeps_counts_exact_over_a_damaged_shard(sets, tmp_path):
     assert all("truncated shard" in i["error"] or "00001.tar" in i["error"] for i in lost)
 
 
-def test_train_streams_shards_and_resumes_at_the_next_batch(sets, tmp_path, monkeypatch):
+def test_train_streams_shards_and_resumes_at_the_next_batch(sets, tmp_path, monkeypatch, one_thread):
     from eclip.train.rundir import RunDir
     extra = ("--shuffle-buffer", "8", "--epochs", "2", "--save-every", "3", "--log-every", "1")
     whole = _train(sets, "shards", tmp_path / "whole", *extra)

@@ -17,27 +17,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from typer.testing import CliRunner
 
-from eclip.cli import app
+from cli_runner import cli, ok
 
 ROOT = Path(__file__).resolve().parents[1]
 CAPTIONS = ["Queen Elizabeth II at Windsor", "Zoë Saldaña in Köln &amp; 東京", "", "a " * 100,
             "“Curly” quotes, ﬁne ligatures and ｆｕｌｌ width", "the flag of Japan 🇯🇵", "Hello,world!!  3.14"]
-
-
-def cli(*args):
-    try:
-        runner = CliRunner(mix_stderr=False)
-    except TypeError:     # click >= 8.2 keeps stderr apart anyway
-        runner = CliRunner()
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def ok(*args):
-    result = cli(*args)
-    assert result.exit_code == 0, (result.output, result.exception)
-    return result
 
 
 def eclip_vectors(model, images):
