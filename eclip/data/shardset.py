@@ -71,7 +71,7 @@ class ShardSet:
     and for sample number i a stand-in Record naming its shard and position (for skipped.jsonl)."""
 
     def __init__(self, dataset: str, urls: list[str], sizes: list[int], columns: Columns,
-                 explanations: dict | None = None):
+                 explanations=None):     # eclip.explain.cache.Explanations
         self.dataset, self.urls, self.sizes, self.columns = dataset, urls, sizes, columns
         self.explanations = explanations
         self.starts = [sum(sizes[:i]) for i in range(len(sizes))]
@@ -102,5 +102,5 @@ def open_shard_set(dataset: str, columns: Columns | None = None, explanations=No
         kind, found = read_explanations(explanations)
         if kind != CACHE:
             raise EclipError(f"--explanations {explanations}: streamed shards take an `eclip explain` cache "
-                             f"(keyed by caption), not an image-keyed file")
+                             f"(keyed by sample and caption), not an image-keyed file")
     return ShardSet(dataset, urls, shard_sizes(urls), columns or Columns(), found)

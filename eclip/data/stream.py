@@ -124,7 +124,9 @@ class ShardStream(IterableDataset):
             return {"index": index, "error": f"key {sample.key}: {e.reason}"}
         except Exception as e:    # a transform failing on one odd image must not end the epoch
             return {"index": index, "error": f"key {sample.key}: preprocess failed ({type(e).__name__})"}
-        explanation = record.explanation or (self.shards.explanations or {}).get(record.caption)
+        found = self.shards.explanations        # as attach_explanations: the cache's line, else the sample's own
+        explanation = found.lookup(record.id, record.caption, record.explanation) if found is not None \
+            else record.explanation
         tokens = self.tokenize([record.caption, explanation or record.caption])
         return {"index": index, "image": image, "caption_tokens": tokens[0], "explanation_tokens": tokens[1]}
 

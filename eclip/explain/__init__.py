@@ -7,8 +7,11 @@ what they look like (METHOD.md's bridge text), written to a resumable JSONL cach
 
 Only captions whose (caption, model, prompt) key is not cached are generated, each
 once however many records share it; the backend is not even loaded when nothing is
-left. Under torchrun / accelerate launch every process takes its own share of the
-work and writes its own part file; process 0 merges the parts into the cache.
+left. Records whose ids come from the data (shards, parquet, files folders: a RecordList)
+are explained per sample instead: one line (and one LLM call) per record id, so two samples
+with one caption get one explanation each (eclip.explain.cache says how lines are keyed).
+Under torchrun / accelerate launch every process takes its own share of the work and
+writes its own part file; process 0 merges the parts into the cache.
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ from eclip.explain.cache import CacheWriter, cached_keys, make_entry, merge_part
 from eclip.explain.processes import rank_world, shard
 from eclip.explain.prompt import DEFAULT_TEMPLATE, prompt_sha256, render, validate_template
 
-__all__ = ["explain_records", "unique_captions", "shard", "DEFAULT_TEMPLATE"]
+__all__ = ["explain_records", "unique_captions", "unique_samples", "shard", "DEFAULT_TEMPLATE"]
 
 
 def unique_captions(records_or_captions: Iterable, limit: Optional[int] = None) -> tuple:
@@ -49,6 +52,21 @@ def unique_captions(records_or_captions: Iterable, limit: Optional[int] = None) 
     return items, n_records
 
 
+def unique_samples(records, limit: Optional[int] = None) -> tuple:
+    """[(id, caption)] for every record with a caption, once per id, in input order, and the number
+    of records read; `limit` keeps the first `limit` samples."""
+    seen, items, n_records = set(), [], 0
+    for r in records:
+        if limit is not None and len(items) >= limit:
+            break
+        n_records += 1
+        if not isinstance(r.caption, str) or not r.caption.strip() or r.id in seen:
+            continue
+        seen.add(r.id)
+        items.append((r.id, r.caption))
+    return items, n_records
+
+
 def part_files(cache_path) -> list:
     cache_path = Path(cache_path)
     return sorted(cache_path.parent.glob(f"{cache_path.name}.part-*"))
@@ -68,10 +86,14 @@ def _rate_column():
 
 
 def explain_records(records_or_captions, backend, cache_path, prompt_template: str = DEFAULT_TEMPLATE,
-                    limit: Optional[int] = None, *, dry_run: bool = False, show_progress: bool = True) -> dict:
-    """Write an explanation line to `cache_path` for every caption not cached yet.
+                    limit: Optional[int] = None, *, dry_run: bool = False, show_progress: bool = True,
+                    per_sample: Optional[bool] = None) -> dict:
+    """Write an explanation line to `cache_path` for every caption not cached yet; with `per_sample`
+    (default: when the records are a RecordList, whose ids come from the data), for every sample
+    (record id) not cached yet, a caption-wide line counting as cached for all its samples.
 
-    Returns a summary: captions (distinct), records, cached, generated, failed, cut (answers longer
+    Returns a summary: captions (distinct; samples when per is "sample"), per ("caption" or
+    "sample"), records, cached, generated, failed, cut (answers longer
     than max_new_tokens allows, kept cut: endpoint backends), seconds,
     items_per_s (captions handled per second), generated_per_s (new lines per second of
     generation), model, prompt_sha256, cache; with dry_run=True nothing is generated or
@@ -84,28 +106,37 @@ def explain_records(records_or_captions, backend, cache_path, prompt_template: s
         raise EclipError(f"--limit must be 0 or more, got {limit}")
     if cache_path is None and not dry_run:
         raise EclipError("an output cache file is needed (--output CACHE.jsonl)")
-    items, n_records = unique_captions(records_or_captions, limit)
+    if per_sample is None:
+        from eclip.data.shards import RecordList
+        per_sample = isinstance(records_or_captions, RecordList)
+    items, n_records = (unique_samples if per_sample else unique_captions)(records_or_captions, limit)
     rank, world = rank_world()
     cache_path = Path(cache_path) if cache_path is not None else None
     # one writer per cache: two runs would each generate (and pay for) what the other is generating
     lock = lock_file(cache_path) if cache_path is not None and not dry_run and rank == 0 else None
     try:
         return _explain(items, n_records, backend, cache_path, template, sha, rank, world, dry_run, show_progress,
-                        t0)
+                        t0, per_sample)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _explain(items, n_records, backend, cache_path, template, sha, rank, world, dry_run, show_progress, t0):
+def _explain(items, n_records, backend, cache_path, template, sha, rank, world, dry_run, show_progress, t0,
+             per_sample=False):
     model = backend.name
     if cache_path is not None and world == 1 and not dry_run and part_files(cache_path):
         merge_parts(cache_path, part_files(cache_path))  # left by a killed multi-process run
     done = cached_keys(cache_path, *part_files(cache_path)) if cache_path is not None else set()
-    todo = [(rid, c) for rid, c in items if (c, model, sha) not in done]
+    if per_sample:   # its own line, or a caption-wide one (a table's, or an older eclip's)
+        todo = [(rid, c) for rid, c in items
+                if (c, model, sha) not in done and (c, model, sha, str(rid)) not in done]
+    else:            # any line for the caption, keyed or not
+        done = {k[:3] for k in done}
+        todo = [(rid, c) for rid, c in items if (c, model, sha) not in done]
     summary = {"cache": str(cache_path) if cache_path else None, "model": model, "prompt_sha256": sha,
                "records": n_records, "captions": len(items), "cached": len(items) - len(todo),
-               "generated": 0, "failed": 0, "cut": 0}
+               "generated": 0, "failed": 0, "cut": 0, "per": "sample" if per_sample else "caption"}
 
     if dry_run:
         summary["prompts"] = [{"id": rid, "caption": c, "prompt": render(template, c)} for rid, c in todo]
@@ -128,7 +159,7 @@ def _explain(items, n_records, backend, cache_path, template, sha, rank, world, 
             prompts = [render(template, c) for _, c in mine]
             for i, text, error in backend.generate(prompts):
                 rid, caption = mine[i]
-                writer.append(make_entry(rid, caption, text, model, sha, error))
+                writer.append(make_entry(rid, caption, text, model, sha, error, key=rid if per_sample else None))
                 summary["failed" if error else "generated"] += 1
                 bar.advance(task)
         gen_seconds = time.perf_counter() - t_gen

@@ -2,10 +2,16 @@
 
 Line format (read by `eclip train --explanations`):
     {"id": str|null, "caption": str, "explanation": str|null, "model": str,
-     "prompt_sha256": str, "error": str|null}
+     "prompt_sha256": str, "error": str|null[, "key": str]}
 
-The cache key is (caption, model, prompt_sha256). A line with an error or no
-explanation does not count as cached: the next run tries that caption again.
+A line without "key" is caption-wide: it serves every record with that caption (tables,
+benchmarks, --texts, and every cache older eclip wrote). A line with "key" belongs to one
+sample: `explain` over shards, parquet and files folders writes one per sample, "key" being the
+record id (the shard's __key__ or --id-key), so two samples with one caption can carry two
+explanations. Older eclip ignores "key" and reads such a line by its caption.
+
+The cache key is (caption, model, prompt_sha256), plus the "key" when there is one. A line
+with an error or no explanation does not count as cached: the next run tries it again.
 A process killed mid-write can leave a last line without its newline; readers
 ignore it and `CacheWriter` cuts it off before appending, so the file stays valid
 whatever moment the kill came at. Lines are appended, never rewritten, so a
@@ -24,9 +30,12 @@ FIELDS = ("id", "caption", "explanation", "model", "prompt_sha256", "error")
 
 
 def make_entry(id, caption: str, explanation: Optional[str], model: str, prompt_sha256: str,
-               error: Optional[str] = None) -> dict:
-    return {"id": None if id is None else str(id), "caption": caption, "explanation": explanation,
-            "model": model, "prompt_sha256": prompt_sha256, "error": error}
+               error: Optional[str] = None, key: Optional[str] = None) -> dict:
+    entry = {"id": None if id is None else str(id), "caption": caption, "explanation": explanation,
+             "model": model, "prompt_sha256": prompt_sha256, "error": error}
+    if key is not None:        # caption-wide lines stay as older eclip wrote them
+        entry["key"] = str(key)
+    return entry
 
 
 def is_ok(entry: dict) -> bool:
@@ -34,8 +43,16 @@ def is_ok(entry: dict) -> bool:
     return entry.get("error") is None and isinstance(entry.get("explanation"), str) and bool(entry["explanation"])
 
 
+def sample_key(entry: dict) -> Optional[str]:
+    """The sample a line belongs to, or None for a caption-wide line."""
+    key = entry.get("key")
+    return key if isinstance(key, str) else None
+
+
 def key_of(entry: dict) -> tuple:
-    return (entry["caption"], entry["model"], entry["prompt_sha256"])
+    """(caption, model, prompt_sha256) for a caption-wide line, with the sample key after them for a keyed one."""
+    key = sample_key(entry)
+    return (entry["caption"], entry["model"], entry["prompt_sha256"]) + (() if key is None else (key,))
 
 
 def iter_entries(path) -> Iterator[dict]:
@@ -65,15 +82,40 @@ def iter_entries(path) -> Iterator[dict]:
         yield entry
 
 
-def read_cache(path, model: Optional[str] = None, prompt_sha256: Optional[str] = None) -> dict:
-    """caption -> explanation for every usable line (optionally only one model / prompt).
+class Explanations:
+    """What training looks up in a cache, in this order: the sample's own line (its record id and
+    caption), the last caption-wide line for its caption, the last line for its caption whatever its
+    key. So one cache still serves every dataset that shares captions, and a cache older eclip wrote
+    serves shards as it did."""
 
-    This is what training consumes: lookup by caption text; failed lines count as missing.
-    """
+    def __init__(self):
+        self.by_caption, self.wide, self.by_key = {}, {}, {}    # any line / lines without a key / keyed
+
+    def add(self, entry: dict) -> None:
+        self.by_caption[entry["caption"]] = entry["explanation"]
+        key = sample_key(entry)
+        if key is None:
+            self.wide[entry["caption"]] = entry["explanation"]
+        else:
+            self.by_key[(key, entry["caption"])] = entry["explanation"]
+
+    def lookup(self, id, caption: str, default: Optional[str] = None) -> Optional[str]:
+        for found in (self.by_key.get((str(id), caption)), self.wide.get(caption), self.by_caption.get(caption)):
+            if found is not None:
+                return found
+        return default
+
+    def __len__(self) -> int:
+        return len(self.by_caption)
+
+
+def read_explanations_cache(path, model: Optional[str] = None, prompt_sha256: Optional[str] = None) -> Explanations:
+    """Every usable line (optionally only one model / prompt), for lookup by sample and caption;
+    failed lines count as missing."""
     path = Path(path)
     if not path.exists():
         raise EclipError(f"{path}: explanation cache not found (write it with `eclip explain --output {path}`)")
-    found = {}
+    found = Explanations()
     for entry in iter_entries(path):
         if not is_ok(entry):
             continue
@@ -81,12 +123,18 @@ def read_cache(path, model: Optional[str] = None, prompt_sha256: Optional[str] =
             continue
         if prompt_sha256 is not None and entry["prompt_sha256"] != prompt_sha256:
             continue
-        found[entry["caption"]] = entry["explanation"]
+        found.add(entry)
     return found
 
 
+def read_cache(path, model: Optional[str] = None, prompt_sha256: Optional[str] = None) -> dict:
+    """caption -> explanation for every usable line (optionally only one model / prompt); the last
+    line for a caption wins, keyed or not."""
+    return read_explanations_cache(path, model, prompt_sha256).by_caption
+
+
 def cached_keys(*paths) -> set:
-    """The keys (caption, model, prompt_sha256) that have a usable explanation in any of `paths`."""
+    """The keys (key_of) that have a usable explanation in any of `paths`."""
     keys = set()
     for path in paths:
         for entry in iter_entries(path):
