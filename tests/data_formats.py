@@ -18,13 +18,15 @@ def write_all(records, folder: Path, per_shard: int = 20) -> dict:
     with wds.ShardWriter(str(folder / "shards" / "%05d.tar"), maxcount=per_shard, verbose=0) as w:
         for r in records:
             w.write({"__key__": r.id, "jpg": Path(r.image).read_bytes(), "txt": r.caption,
-                     "json": {"key": r.id, "entities": r.entities}})
+                     "json": {"key": r.id, "entities": r.entities, **({"label": r.label} if r.label else {})}})
     n = len(list((folder / "shards").glob("*.tar")))
     images = [Path(r.image).read_bytes() for r in records]
     hf = pa.table({"id": [r.id for r in records],
                    "image": pa.array([{"bytes": b, "path": os.path.basename(r.image)} for b, r in zip(images, records)],
                                      type=pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
                    "caption": [r.caption for r in records]})
+    if any(r.label for r in records):      # a class column, as a labelled Hugging Face set has
+        hf = hf.append_column("label", pa.array([r.label for r in records], type=pa.string()))
     hf = hf.replace_schema_metadata({"huggingface": json.dumps(
         {"info": {"features": {"id": {"dtype": "string", "_type": "Value"}, "image": {"_type": "Image"},
                                "caption": {"dtype": "string", "_type": "Value"}}}})})

@@ -488,3 +488,25 @@ def test_a_list_of_shard_urls_and_a_folder_of_shards_read_like_the_pattern(sets,
     want = [(r.id, r.caption) for r in read_dataset(sets["shards"])]
     assert [(r.id, r.caption) for r in read_dataset(str(tmp_path / "shards.txt"))] == want
     assert [(r.id, r.caption) for r in read_dataset(str(folder))] == want
+
+
+def test_labels_in_shards_and_parquet_classify_as_in_jsonl(sets, tmp_path):
+    """A `label` in a shard's json member or a parquet column is the record's class, as a JSONL
+    `label` field is: zero-shot classification gives the same figures from all three."""
+    import dataclasses
+
+    from eclip.data.readers import read_dataset
+    records = read_dataset(sets["jsonl"])
+    labelled = [dataclasses.replace(r, label=r.caption.split()[-1]) for r in records]
+    jsonl = tmp_path / "labelled.jsonl"
+    jsonl.write_text("".join(json.dumps({"id": r.id, "image": r.image, "text": r.caption, "label": r.label}) + "\n"
+                             for r in labelled))
+    formats = write_all(labelled, tmp_path / "formats")
+    for name in ("shards", "parquet"):
+        assert [r.label for r in read_dataset(formats[name])] == [r.label for r in labelled], name
+    figures = {}
+    for name, data in {"jsonl": jsonl, "shards": formats["shards"], "parquet": formats["parquet"]}.items():
+        out = json.loads(cli("evaluate", "--task", "classify", "--dataset", data, "--model", sets["model"], *MODEL,
+                             "--seed", "3", "--json").stdout)
+        figures[name] = {k: out[k] for k in ("top1", "top5", "mean_per_class_recall") if k in out}
+    assert figures["jsonl"] and figures["shards"] == figures["jsonl"] and figures["parquet"] == figures["jsonl"]

@@ -93,7 +93,7 @@ def read_parquet(dataset: str, columns: Optional[Columns] = None) -> RecordList:
                 (pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0)):
             raise EclipError(f"{path}: column {image!r} holds {kind}, not image bytes (a binary column or a "
                              f"Hugging Face Image struct of bytes and path)")
-        wanted = [c for c in dict.fromkeys([text, rid, "entities", "explanation"]) if c and c in names]
+        wanted = [c for c in dict.fromkeys([text, rid, "entities", "explanation", "label"]) if c and c in names]
         row = 0
         for batch in table_file.iter_batches(columns=wanted, batch_size=65536):
             values = batch.to_pydict()
@@ -108,10 +108,17 @@ def read_parquet(dataset: str, columns: Optional[Columns] = None) -> RecordList:
                     records.append(Record(str(key) if rid else f"{os.path.basename(path)}:{row}",
                                           parquet_address(path, image, row), caption.strip(),
                                           (values.get("explanation") or [None] * batch.num_rows)[i] or None,
-                                          _entities(values.get("entities"), i, path, key)))
+                                          _entities(values.get("entities"), i, path, key),
+                                          label=_label((values.get("label") or [None] * batch.num_rows)[i])))
                 row += 1
     from eclip.data.readers import announce_skipped
     return announce_skipped(RecordList(records, skipped), dataset)
+
+
+
+def _label(value):
+    """A `label` cell (a class for `evaluate --task classify`): text, or None when empty."""
+    return None if value in (None, "") else str(value).strip() or None
 
 
 def _entities(column, i, path, key) -> list:

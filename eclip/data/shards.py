@@ -328,8 +328,9 @@ def sample_record(sample: Sample, columns: Columns, image: Optional[str], skippe
     except EclipError:
         return fail("'entities' in the json member is not a list of entities")
     explanation = meta.get("explanation")
+    label = meta.get("label")     # a class for `evaluate --task classify`
     return Record(str(rid), image, text.strip(), explanation if isinstance(explanation, str) and explanation else None,
-                  entities)
+                  entities, label=None if label in (None, "") else str(label).strip() or None)
 
 
 def _bytes(part) -> bytes:
