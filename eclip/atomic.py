@@ -69,3 +69,14 @@ def disk_full(exc: BaseException, path=None) -> bool:
             return False
         return st.f_bavail * st.f_frsize < NEARLY_FULL
     return False
+
+
+def process_alive(pid: int) -> bool:
+    """Is process `pid` running on this host? (A writer's temporary files outlive it when it is killed.)"""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:    # another user's process
+        return True
+    return True

@@ -106,10 +106,8 @@ Json = Annotated[bool, typer.Option("--json", help="Print the result as one JSON
 
 def columns(image_key=None, text_key=None, id_key=None):
     """--image-key / --text-key / --id-key for the readers; None when none is given."""
-    if not (image_key or text_key or id_key):
-        return None
     from eclip.data.shards import Columns
-    return Columns(image_key, text_key, id_key)
+    return Columns.given(image_key, text_key, id_key)
 
 
 def model_spec(model, pretrained, checkpoint, device, precision, seed=None):

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 from eclip.data.members import is_remote, parquet_address
-from eclip.data.records import Record
+from eclip.data.records import Record, clean_label
 from eclip.data.shards import Columns, RecordList, Skipped
 from eclip.errors import EclipError
 
@@ -109,16 +109,11 @@ def read_parquet(dataset: str, columns: Optional[Columns] = None) -> RecordList:
                                           parquet_address(path, image, row), caption.strip(),
                                           (values.get("explanation") or [None] * batch.num_rows)[i] or None,
                                           _entities(values.get("entities"), i, path, key),
-                                          label=_label((values.get("label") or [None] * batch.num_rows)[i])))
+                                          label=clean_label((values.get("label") or [None] * batch.num_rows)[i])))
                 row += 1
     from eclip.data.readers import announce_skipped
     return announce_skipped(RecordList(records, skipped), dataset)
 
-
-
-def _label(value):
-    """A `label` cell (a class for `evaluate --task classify`): text, or None when empty."""
-    return None if value in (None, "") else str(value).strip() or None
 
 
 def _entities(column, i, path, key) -> list:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Optional
 
 from eclip.data.benchmarks import BENCHMARKS
-from eclip.data.records import Record
+from eclip.data.records import Record, clean_label
 from eclip.errors import EclipError, json_problem
 
 
@@ -150,7 +150,7 @@ def read_table(path, columns=None) -> list[Record]:
             raise EclipError(f"{where}: 'label' must be a string or a whole number (got {type(label).__name__})")
         records.append(Record(str(line) if rid in (None, "") else str(rid), str(image_path), text,
                               explanation, _entities(row.get("entities"), where),
-                              None if label is None or str(label).strip() == "" else str(label).strip()))
+                              clean_label(label)))
     return _checked(records, path, len(records))
 
 

@@ -35,3 +35,8 @@ class Record:
     def training_explanation(self) -> str:
         """The explanation, or the caption itself when none was written (METHOD.md fallback)."""
         return self.explanation if self.explanation else self.caption
+
+
+def clean_label(value) -> Optional[str]:
+    """A record's class as the readers keep it: the text, stripped; None when absent or blank."""
+    return None if value is None or str(value).strip() == "" else str(value).strip()

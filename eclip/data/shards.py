@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from eclip.data.members import is_remote, tar_address
-from eclip.data.records import Record
+from eclip.data.records import Record, clean_label
 from eclip.errors import EclipError
 
 DEFAULT_IMAGE_KEYS = ("jpg", "png", "jpeg", "webp")
@@ -40,6 +40,11 @@ class Columns:
     image_key: Optional[str] = None      # ';'-list; None: jpg;png;jpeg;webp (shards), image (tables)
     text_key: Optional[str] = None       # None: txt (shards), text or caption (tables)
     id_key: Optional[str] = None         # None: __key__ (shards), id (tables)
+
+    @classmethod
+    def given(cls, image_key=None, text_key=None, id_key=None) -> Optional["Columns"]:
+        """--image-key / --text-key / --id-key for the readers; None when none is given."""
+        return cls(image_key, text_key, id_key) if (image_key or text_key or id_key) else None
 
     def image_exts(self) -> tuple:
         return tuple(k.strip().lower() for k in self.image_key.split(";") if k.strip()) \
@@ -330,7 +335,7 @@ def sample_record(sample: Sample, columns: Columns, image: Optional[str], skippe
     explanation = meta.get("explanation")
     label = meta.get("label")     # a class for `evaluate --task classify`
     return Record(str(rid), image, text.strip(), explanation if isinstance(explanation, str) and explanation else None,
-                  entities, label=None if label in (None, "") else str(label).strip() or None)
+                  entities, label=clean_label(label))
 
 
 def _bytes(part) -> bytes:

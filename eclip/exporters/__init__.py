@@ -21,6 +21,7 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
+from eclip.atomic import process_alive
 from eclip.errors import EclipError
 
 FORMATS = ("open-clip", "hf", "onnx")
@@ -93,18 +94,10 @@ def remove_abandoned(parent: Path, name: str) -> None:
     """Temporary folders of earlier exports to `name` whose process is gone (killed): removed."""
     for folder in parent.glob(f".{name}.*.tmp"):
         pid = folder.name[len(name) + 2:].split(".", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not process_alive(int(pid)):
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:          # exists, another user's
-        return True
-    return True
 
 
 def _writer(fmt: str):

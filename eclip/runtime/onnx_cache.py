@@ -40,6 +40,7 @@ from pathlib import Path
 
 from eclip.atomic import disk_full, write_text
 from eclip.checkpoint import sha256_file
+from eclip.atomic import process_alive
 from eclip.config import eclip_cache_dir
 from eclip.errors import EclipError
 
@@ -161,16 +162,6 @@ def remove_stale_work() -> None:
             except OSError:
                 continue
         discard(path)
-
-
-def process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:    # another user's process
-        return True
-    return True
 
 
 def work_folder(folder: Path) -> Path:

@@ -108,8 +108,8 @@ def read_splits(cfg: TrainConfig):
     from eclip.data.readers import read_dataset
     root = Path(cfg.data_root) if cfg.data_root else None
     explanations = Path(cfg.explanations) if cfg.explanations else None
-    from eclip.cli.options import columns
-    keys = columns(cfg.image_key, cfg.text_key, cfg.id_key)
+    from eclip.data.shards import Columns
+    keys = Columns.given(cfg.image_key, cfg.text_key, cfg.id_key)
     if cfg.shuffle_buffer is not None:
         train = _stream(cfg, keys, explanations)
     else:

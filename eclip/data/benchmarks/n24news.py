@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from eclip.data.benchmarks import image_folder_choice, no_layout, split_name, using
 from eclip.data.readers import _checked, _has_caption, _inside, _json_list, _root
-from eclip.data.records import Record
+from eclip.data.records import Record, clean_label
 from eclip.errors import EclipError
 
 AUTHORS_KEY_PARTS = 1
@@ -48,12 +48,6 @@ def read(root, split: str = "train", image_folder: str | None = None, paper: boo
 def _records(root, path, folder: str, paper: bool = False) -> list[Record]:
     items = _json_list(path, ("image_id", "caption"))
     records = [Record(str(d["image_id"]), _inside(root, f"{folder}/{d['image_id']}.jpg", path), d["caption"],
-                      label=_section(d))
+                      label=clean_label(d.get("section")))   # its section: one of the 24 classes
                for d in items if _has_caption(d, path, keep_empty=paper)]
     return _checked(records, path, len(items), number_duplicates=True)
-
-
-def _section(d: dict):
-    """The record's section (one of N24News's 24 classes), its label for `evaluate --task classify`."""
-    section = str(d.get("section") or "").strip()
-    return section or None

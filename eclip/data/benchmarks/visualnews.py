@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from eclip.data.benchmarks import no_layout, split_name, using
 from eclip.data.readers import _checked, _has_caption, _inside, _json_list, _root
-from eclip.data.records import Record
+from eclip.data.records import Record, clean_label
 from eclip.errors import EclipError
 
 AUTHORS_KEY_PARTS = 4
@@ -69,5 +69,5 @@ def _records(root, base: str, path, paper: bool = False) -> list[Record]:
             raise EclipError(f"{path}: image_path of record {d['id']!r} is not text")
         if _has_caption(d, path, keep_empty=paper):
             records.append(Record(str(d["id"]), _inside(folder, d["image_path"], path), d["caption"],
-                                  label=str(d.get("topic") or "").strip() or None))   # its topic: a class
+                                  label=clean_label(d.get("topic"))))   # its topic: a class
     return _checked(records, path, len(items), number_duplicates=True)
