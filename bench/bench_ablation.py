@@ -4,6 +4,8 @@ it owe to its explanations and to each loss term?
     python bench/bench_ablation.py                    # the README's table: 3 seeds x 6 trained rows
     python bench/bench_ablation.py --quick            # 12 flags + 8 photos, 2 epochs, 2 seeds: a smoke run
     python bench/bench_ablation.py --demo-rows        # only the demo's rows: the seed spread it prints
+    python bench/bench_ablation.py --minilm --demo-rows --split val --set lr=0.004 --output bench-out/sweep-lr4
+                                                      # a settings sweep: figures on the validation split only
 
 Rows: the untrained model; plain CLIP fine-tuning (--no-experts); EntityCLIP with (a) the embedded
 LLM's explanations (the cache examples/explanations/ ships, written by `eclip explain`), (b) the
@@ -67,10 +69,16 @@ def main(argv=None) -> int:
                     help="only the rows the demo shows (untrained, --no-experts, EntityCLIP (a)): its seed spread")
     ap.add_argument("--rows", default=None, help="only the rows whose names contain one of these comma-separated "
                                                   "words (e.g. 'LLM explanations,negatives reference')")
+    ap.add_argument("--split", choices=("test", "val"), default="test",
+                    help="the split every figure is measured on: val when choosing settings (the test split unseen)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="change one of the demo's settings (lr, epochs, batch_size, weight_decay, warmup_steps, "
+                         "views), e.g. --set lr=0.004; repeatable")
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                     help="training runs at once, one core each (default: 2, or 1 on one core)")
     args = ap.parse_args(argv)
-    settings = {**(demo.QUICK if args.quick else demo.FULL), **(demo.MINILM if args.minilm else {})}
+    demo_settings = {**(demo.QUICK if args.quick else demo.FULL), **(demo.MINILM if args.minilm else {})}
+    settings = {**demo_settings, **_changes(args.set, demo_settings)}
     seeds = [int(s) for s in (args.seeds or ("42,43" if args.quick else "42,43,44")).split(",")]
     out = Path(args.output).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -108,7 +116,7 @@ def main(argv=None) -> int:
                 continue
             if change is None:
                 t0 = time.perf_counter()
-                record(row, seed, untrained(data, seed, settings), time.perf_counter() - t0)
+                record(row, seed, untrained(data, seed, settings, args.split), time.perf_counter() - t0)
                 continue
             explanations = change.get("explanations")
             run, name = out / "runs" / f"{_slug(row)}-{seed}", f"{row} | seed {seed}"
@@ -121,47 +129,65 @@ def main(argv=None) -> int:
     def finished(name, summary):
         row, seed = row_seed[name]
         with lock:
-            metrics = trained(data, summary)
+            metrics = trained(data, summary, args.split)
         record(row, seed, metrics, summary.get("elapsed_s") or 0.0)
 
     if jobs:
         demo.train_runs(jobs, max(1, args.jobs), done=finished)
-    backfill(results_file, lambda r: demo.photos_first(data, str(out / "runs" / f"{_slug(r['row'])}-{r['seed']}"
-                                                                  / "last.safetensors")))
+    if args.split == "test":     # (the photographs' figures include the test views)
+        backfill(results_file, lambda r: demo.photos_first(data, str(out / "runs" / f"{_slug(r['row'])}-{r['seed']}"
+                                                                      / "last.safetensors")))
 
     rows = [r for r in _read(results_file) if r["seed"] in seeds]
     machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
                f"{torch.__version__}, {args.jobs} runs at once with one torch thread each; load average "
                f"{load_before[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end")
     flags = "".join(f" --{name}" for name in ("minilm", "demo-rows") if getattr(args, name.replace("-", "_")))
-    print(table(rows, seeds, settings, machine, time.perf_counter() - started, args.quick, flags))
-    # the demo's two rows per seed, which examples/demo.py prints its own run beside (--quick: kept in OUTPUT)
-    spread = write_spread(out / SPREAD_FILE.name if args.quick else SPREAD_FILE, rows, settings, seeds, machine)
+    flags += "".join(f" --set {c}" for c in args.set) + (" --split val" if args.split == "val" else "")
+    print(table(rows, seeds, settings, machine, time.perf_counter() - started, args.quick, flags, args.split))
+    # the demo's two rows per seed, which examples/demo.py prints its own run beside (--quick or other
+    # settings: kept in OUTPUT; a validation sweep: none, the spread is of test figures)
+    if args.split != "test":
+        return 0
+    own = args.quick or settings != demo_settings
+    spread = write_spread(out / SPREAD_FILE.name if own else SPREAD_FILE, rows, settings, seeds, machine)
     print(f"seed spread for the demo: {'written' if spread else 'not written (rows missing)'}", file=sys.stderr)
     return 0
 
 
-def untrained(data: Path, seed: int, settings: dict) -> dict:
-    """The untrained row: the demo's model config, random weights from `seed`, on the test split."""
+def _changes(pairs: list, settings: dict) -> dict:
+    """--set KEY=VALUE pairs as settings, each value of its setting's type."""
+    changes = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or key not in settings or key in ("model", "lock_text", "n_flags"):
+            raise SystemExit(f"--set {pair}: expected KEY=VALUE with KEY one of lr, epochs, batch_size, "
+                             f"weight_decay, warmup_steps, views, live")
+        changes[key] = type(settings[key])(value) if settings[key] is not None else value
+    return changes
+
+
+def untrained(data: Path, seed: int, settings: dict, split: str = "test") -> dict:
+    """The untrained row: the demo's model config, random weights from `seed`, on the split."""
     import demo
     from eclip.evaluate import evaluate
     from eclip.model.factory import load_model
     model = load_model(model=str(demo.HERE / settings.get("model", demo.MODEL_CFG.name)), pretrained="none",
                        device="cpu", seed=seed)
-    result = evaluate(dataset=str(data / "test.jsonl"), model=model)
+    result = evaluate(dataset=str(data / f"{split}.jsonl"), model=model)
     return {**_metrics(result), "best_t2i_r1": result["text_to_image"]["R@1"]}
 
 
-def trained(data: Path, summary: dict) -> dict:
-    """A trained row: its last checkpoint (and, for one column, its best-validation one) on the test split."""
+def trained(data: Path, summary: dict, split: str = "test") -> dict:
+    """A trained row: its last checkpoint (and, for one column, its best-validation one) on the split."""
     import demo
     from eclip.config import ModelSpec
     from eclip.evaluate import evaluate
-    test = str(data / "test.jsonl")
+    test = str(data / f"{split}.jsonl")
     last = evaluate(ModelSpec(checkpoint=summary["last_checkpoint"], device="cpu"), dataset=test)
     best = evaluate(ModelSpec(checkpoint=summary["best_checkpoint"], device="cpu"), dataset=test)
     return {**_metrics(last), "best_t2i_r1": best["text_to_image"]["R@1"], "best_epoch": summary.get("best_epoch"),
-            **demo.photos_first(data, summary["last_checkpoint"])}
+            **(demo.photos_first(data, summary["last_checkpoint"]) if split == "test" else {})}
 
 
 def backfill(results_file: Path, photos_first) -> int:
@@ -182,10 +208,11 @@ def _metrics(result: dict) -> dict:
             "rsum": result["rsum"], "n_images": result["n_images"]}
 
 
-def table(rows: list, seeds: list, settings: dict, machine: str, seconds: float, quick: bool, flags: str = "") -> str:
+def table(rows: list, seeds: list, settings: dict, machine: str, seconds: float, quick: bool, flags: str = "",
+          split: str = "test") -> str:
     """The markdown table for the README."""
     n = rows[0]["n_images"] if rows else 0
-    lines = [f"Test split of the demo set: {n} images and captions (chance R@1 = {100 / max(n, 1):.1f}%). "
+    lines = [f"{split.capitalize()} split of the demo set: {n} images and captions (chance R@1 = {100 / max(n, 1):.1f}%). "
              f"Mean ± standard deviation over seeds {', '.join(map(str, seeds))}; every trained row: "
              f"{_model_words(settings)}, {settings['views'] - 2} training views per entity, "
              f"{settings['epochs']} epochs of batch "

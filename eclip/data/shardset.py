@@ -5,6 +5,7 @@ loads; eclip.data.stream streams it.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from eclip.data.members import is_remote
@@ -47,23 +48,40 @@ def _recorded_size(url: str):
 
 
 def _count_keys(url: str) -> int:
-    from eclip.data.shards import KEY_EXT, open_shard
-    from eclip.data.tarmembers import DamagedTar, tar_members
+    from eclip.data.shards import KEY_EXT
+    from eclip.data.tarmembers import DamagedTar
     keys, last = 0, None
-    stream = is_remote(url) or url.startswith("pipe:") or url.lower().endswith((".tar.gz", ".tgz"))
     try:
-        with open_shard(url, stream=stream) as f:
-            source = f
-            if url.lower().endswith((".tar.gz", ".tgz")):
-                import gzip
-                source = gzip.GzipFile(fileobj=f)
-            for name, _, _, _ in tar_members(source, keep=lambda name: False, seekable=not stream):
-                m = KEY_EXT.match(name)
-                if m and m[1] != last:
-                    keys, last = keys + 1, m[1]
-    except (DamagedTar, EOFError, OSError):
+        for name in _member_names(url):
+            m = KEY_EXT.match(name)
+            if m and m[1] != last:
+                keys, last = keys + 1, m[1]
+    except (DamagedTar, EOFError, OSError, ValueError):
         pass      # a damaged shard counts what it holds up to the damage
     return keys
+
+
+def _member_names(url: str):
+    """The member names of a shard: a local .tar mapped into memory, any other read as a stream."""
+    import contextlib
+    import mmap
+
+    from eclip.data.shards import open_shard
+    from eclip.data.tarmembers import member_names, tar_members
+    stream = is_remote(url) or url.startswith("pipe:") or url.lower().endswith((".tar.gz", ".tgz"))
+    with open_shard(url, stream=stream) as f:
+        if not stream:
+            if os.fstat(f.fileno()).st_size == 0:
+                return
+            with contextlib.closing(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)) as buf:
+                yield from member_names(buf)
+            return
+        source = f
+        if url.lower().endswith((".tar.gz", ".tgz")):
+            import gzip
+            source = gzip.GzipFile(fileobj=f)
+        for name, _, _, _ in tar_members(source, keep=lambda name: False):
+            yield name
 
 
 class ShardSet:

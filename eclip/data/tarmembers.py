@@ -71,8 +71,45 @@ def tar_members(f, keep: Optional[Callable[[str], bool]] = None, seekable: bool 
         offset += padded
 
 
+def member_names(buf) -> Iterator[str]:
+    """The names of the regular members of an uncompressed tar held in memory (bytes or an mmap), in
+    order, their data unread: the count pass over a local shard, ~3x faster than tar_members. A
+    ustar header is known by its magic (the read pass checks its checksum); another is checked by
+    checksum. Ends quietly at the end marker, at damage, or before a member the archive cuts short."""
+    at, end, long_name, pax_path = 0, len(buf), None, None
+    while at + BLOCK <= end:
+        header = buf[at:at + BLOCK]
+        if header[257:262] != b"ustar":
+            if header == bytes(BLOCK):
+                return
+            try:
+                _check(header)                   # an old v7 header has no magic
+            except DamagedTar:
+                return
+        try:
+            size = _size(header[124:136])
+        except DamagedTar:
+            return
+        kind, data = header[156:157], at + BLOCK
+        at = data + (size + BLOCK - 1) // BLOCK * BLOCK
+        if data + size > end:
+            return
+        if kind == b"x":
+            pax_path = _pax_path(buf[data:data + size]) or pax_path
+        elif kind == b"L":
+            long_name = buf[data:data + size].rstrip(b"\0").decode("utf-8", "replace")
+        elif kind != b"g":
+            name = pax_path or long_name or _ustar_name(header)
+            long_name = pax_path = None
+            if kind in (b"0", b"\0", b"7"):
+                yield name
+
+
 def _read(f, n: int, allow_eof: bool = False) -> bytes:
-    chunks, got = [], 0
+    first = f.read(n)
+    if len(first) == n or not first:             # a whole read (a local file's, always) or the end
+        return first
+    chunks, got = [first], len(first)
     while got < n:
         chunk = f.read(n - got)
         if not chunk:
@@ -96,7 +133,7 @@ def _check(header: bytes) -> None:
         expected = int(stored or b"0", 8)
     except ValueError:
         raise DamagedTar("damaged shard (a header is not a tar header)") from None
-    actual = sum(header[:148]) + 8 * 32 + sum(header[156:])
+    actual = sum(header) - sum(header[148:156]) + 8 * 32     # one pass over the block: ~2x faster
     if expected != actual:
         raise DamagedTar("damaged shard (a header checksum is wrong)")
 
