@@ -4,7 +4,7 @@ it owe to its explanations and to each loss term?
     python bench/bench_ablation.py                    # the README's table: 3 seeds x 6 trained rows
     python bench/bench_ablation.py --quick            # 12 flags + 8 photos, 2 epochs, 2 seeds: a smoke run
     python bench/bench_ablation.py --demo-rows        # only the demo's rows: the seed spread it prints
-    python bench/bench_ablation.py --minilm --demo-rows --split val --set lr=0.004 --output bench-out/sweep-lr4
+    python bench/bench_ablation.py --demo-rows --split val --seeds 42,43 --set lr=0.004 --output bench-out/sweep-lr4
                                                       # a settings sweep: figures on the validation split only
 
 Rows: the untrained model; plain CLIP fine-tuning (--no-experts); EntityCLIP with (a) the embedded
@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     ap.add_argument("--output", default="bench-out/ablation", help="folder for data, runs and results")
     ap.add_argument("--seeds", default=None, help="comma-separated (default: 42,43,44; --quick: 42,43)")
     ap.add_argument("--quick", action="store_true", help="a few flags, 2 epochs, 2 seeds")
-    ap.add_argument("--minilm", action="store_true", help="the demo's --minilm model (pretrained text tower, locked)")
+    ap.add_argument("--scratch", action="store_true", help="the demo's --scratch model (both towers from random weights)")
     ap.add_argument("--demo-rows", action="store_true",
                     help="only the rows the demo shows (untrained, --no-experts, EntityCLIP (a)): its seed spread")
     ap.add_argument("--rows", default=None, help="only the rows whose names contain one of these comma-separated "
@@ -77,7 +77,7 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                     help="training runs at once, one core each (default: 2, or 1 on one core)")
     args = ap.parse_args(argv)
-    demo_settings = {**(demo.QUICK if args.quick else demo.FULL), **(demo.MINILM if args.minilm else {})}
+    demo_settings = demo.settings(args.quick, args.scratch)
     settings = {**demo_settings, **_changes(args.set, demo_settings)}
     seeds = [int(s) for s in (args.seeds or ("42,43" if args.quick else "42,43,44")).split(",")]
     out = Path(args.output).resolve()
@@ -142,7 +142,7 @@ def main(argv=None) -> int:
     machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
                f"{torch.__version__}, {args.jobs} runs at once with one torch thread each; load average "
                f"{load_before[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end")
-    flags = "".join(f" --{name}" for name in ("minilm", "demo-rows") if getattr(args, name.replace("-", "_")))
+    flags = "".join(f" --{name}" for name in ("scratch", "demo-rows") if getattr(args, name.replace("-", "_")))
     flags += "".join(f" --set {c}" for c in args.set) + (" --split val" if args.split == "val" else "")
     print(table(rows, seeds, settings, machine, time.perf_counter() - started, args.quick, flags, args.split))
     # the demo's two rows per seed, which examples/demo.py prints its own run beside (--quick or other
@@ -172,7 +172,7 @@ def untrained(data: Path, seed: int, settings: dict, split: str = "test") -> dic
     import demo
     from eclip.evaluate import evaluate
     from eclip.model.factory import load_model
-    model = load_model(model=str(demo.HERE / settings.get("model", demo.MODEL_CFG.name)), pretrained="none",
+    model = load_model(model=str(demo.HERE / settings["model"]), pretrained="none",
                        device="cpu", seed=seed)
     result = evaluate(dataset=str(data / f"{split}.jsonl"), model=model)
     return {**_metrics(result), "best_t2i_r1": result["text_to_image"]["R@1"]}
@@ -241,7 +241,7 @@ def table(rows: list, seeds: list, settings: dict, machine: str, seconds: float,
 
 
 def _model_words(settings: dict) -> str:
-    model = f"examples/{settings.get('model', 'tiny-vit.json')}"
+    model = f"examples/{settings['model']}"
     return (f"{model} (text tower pretrained and locked, the rest from random weights)" if settings.get("lock_text")
             else f"{model} from random weights")
 

@@ -56,8 +56,8 @@ def write_pairs(folder: Path, n: int, per_shard: int = 1000) -> tuple[str, str]:
     return str(folder / "pairs.jsonl"), str(folder / "shards" / f"{{00000..{last:05d}}}.tar")
 
 
-def one_pass(dataset: str, workers: int, batch: int, buffer) -> tuple[int, float]:
-    """(pairs loaded, seconds) for one epoch of the training loader."""
+def one_pass(dataset: str, workers: int, batch: int, buffer) -> tuple[int, float, float]:
+    """(pairs loaded, wall seconds, process CPU seconds) for one epoch of the training loader."""
     from eclip.config import ExpertConfig
     from eclip.data.readers import read_dataset
     from eclip.model.factory import load_model
@@ -65,7 +65,7 @@ def one_pass(dataset: str, workers: int, batch: int, buffer) -> tuple[int, float
     config = Path(tempfile.mkdtemp()) / "tiny.json"
     config.write_text(json.dumps(TINY))
     model = load_model(model=str(config), pretrained="none", device="cpu", experts=ExpertConfig(enabled=False))
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     if buffer is None:
         records = read_dataset(dataset)
     else:                        # streamed: no record list, shards read forward (eclip.data.stream)
@@ -73,13 +73,13 @@ def one_pass(dataset: str, workers: int, batch: int, buffer) -> tuple[int, float
         records = open_shard_set(dataset)
     loader = pair_loader(records, model, batch, workers, seed=0, shuffle_buffer=buffer)
     n = sum(len(b["indices"]) for b in loader)
-    return n, time.perf_counter() - t0
+    return n, time.perf_counter() - t0, time.process_time() - c0
 
 
 def child(args) -> None:
-    n, seconds = one_pass(args.child, args.workers, args.batch_size, args.buffer)
+    n, seconds, cpu = one_pass(args.child, args.workers, args.batch_size, args.buffer)
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"pairs": n, "seconds": seconds, "peak_mib": peak_kib / 1024}))
+    print(json.dumps({"pairs": n, "seconds": seconds, "cpu_seconds": cpu, "peak_mib": peak_kib / 1024}))
 
 
 def run_child(dataset: str, args, buffer) -> dict:
@@ -106,15 +106,20 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-data-"))
     try:
         jsonl, shards = write_pairs(work / "speed", args.pairs)
-        folder_rates, shard_rates = [], []
+        folder_rates, shard_rates, folder_cpu, shard_cpu = [], [], [], []
         for _ in range(args.rounds):        # interleaved: the machine's load hits both sides alike
             f = run_child(jsonl, args, None)
             s = run_child(shards, args, 1000)
             folder_rates.append(f["pairs"] / f["seconds"])
             shard_rates.append(s["pairs"] / s["seconds"])
+            folder_cpu.append(f["pairs"] / f["cpu_seconds"])
+            shard_cpu.append(s["pairs"] / s["cpu_seconds"])
         fr, sr = statistics.median(folder_rates), statistics.median(shard_rates)
         print(f"loader pairs/s over {args.pairs} pairs, median of {args.rounds}: folder {fr:.0f}, shards {sr:.0f} "
               f"-> {sr / fr:.2f}x (goal >= 1.0x)")
+        fc, sc = statistics.median(folder_cpu), statistics.median(shard_cpu)
+        print(f"  per second of process CPU time (steadier when other work shares the cores): folder {fc:.0f}, "
+              f"shards {sc:.0f} -> {sc / fc:.2f}x")
         _, small = write_pairs(work / "small", args.small)
         _, large = write_pairs(work / "large", args.large)
         a, b = run_child(small, args, 1000), run_child(large, args, 1000)

@@ -34,7 +34,8 @@ def test_table_shows_the_photographs_per_seed_test_then_val():
     rows.append({"row": "untrained (random init)", "seed": 42, "t2i_r1": 0.5, "i2t_r1": 0.5, "rsum": 17.2,
                  "best_t2i_r1": 0.5, "n_images": 203})
     text = ABLATION["table"](rows, [42, 43], {"views": 8, "epochs": 60, "batch_size": 32, "lr": 2e-3,
-                                              "warmup_steps": 100, "weight_decay": 0.1}, "test machine", 60, False)
+                                              "warmup_steps": 100, "weight_decay": 0.1, "model": "tiny-vit.json"},
+                             "test machine", 60, False)
     line = next(x for x in text.splitlines() if x.startswith("| EntityCLIP (a)"))
     assert "| 70.0, 58.6 | 7 (8), 8 (8) of 8 |" in line
     untrained = next(x for x in text.splitlines() if x.startswith("| untrained"))

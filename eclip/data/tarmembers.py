@@ -159,6 +159,8 @@ def _ustar_name(header: bytes) -> str:
 
 def _pax_path(records: bytes) -> Optional[str]:
     """The `path` of a PAX extended header ("LEN key=value\\n" records)."""
+    if b" path=" not in records:                 # webdataset's PAX headers hold only an mtime
+        return None
     i = 0
     while i < len(records):
         space = records.find(b" ", i)
