@@ -144,6 +144,7 @@ def main(argv=None) -> int:
                f"{load_before[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end")
     flags = "".join(f" --{name}" for name in ("scratch", "demo-rows") if getattr(args, name.replace("-", "_")))
     flags += "".join(f" --set {c}" for c in args.set) + (" --split val" if args.split == "val" else "")
+    flags += f" --rows '{args.rows}'" if args.rows else ""
     print(table(rows, seeds, settings, machine, time.perf_counter() - started, args.quick, flags, args.split))
     # the demo's two rows per seed, which examples/demo.py prints its own run beside (--quick or other
     # settings: kept in OUTPUT; a validation sweep: none, the spread is of test figures)
