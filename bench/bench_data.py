@@ -7,7 +7,9 @@ of one pass over 50,000 small pairs from shards within 10% of 5,000.
 Both sides go through eclip.train.setup.pair_loader (decode, the model's transform, tokenize, collate)
 with a tiny open_clip model (no forward pass: this measures the data path): the folder side reads the
 JSONL's records in a permutation (train's default), the shard side streams the shards with a shuffle
-buffer of 1,000 (train --shuffle-buffer 1000), with no record list. DataLoader workers as given. Images are
+buffer of 1,000 (train --shuffle-buffer 1000), with no record list. Each is the loader train
+iterates: an Accelerate DataLoaderShard (the folder's DataLoader through accelerator.prepare, as
+eclip.train.loop does; the stream is built as one). DataLoader workers as given. Images are
 random 64x64 crops of scikit-image photographs, JPEG.
 
 Run: python bench/bench_data.py [--pairs 2000] [--small 5000] [--large 50000] [--workers 0] [--rounds 3]
@@ -72,6 +74,9 @@ def one_pass(dataset: str, workers: int, batch: int, buffer) -> tuple[int, float
         from eclip.data.shardset import open_shard_set
         records = open_shard_set(dataset)
     loader = pair_loader(records, model, batch, workers, seed=0, shuffle_buffer=buffer)
+    if buffer is None:           # as eclip train hands it to accelerator.prepare (the stream is one already)
+        from accelerate import Accelerator
+        loader = Accelerator(cpu=True).prepare(loader)
     n = sum(len(b["indices"]) for b in loader)
     return n, time.perf_counter() - t0, time.process_time() - c0
 

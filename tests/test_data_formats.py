@@ -403,8 +403,17 @@ def test_shuffle_buffer_needs_shards_and_a_validation_choice(sets, tmp_path):
     assert "--val-dataset or --no-val" in cli(*base, "--dataset", sets["shards"], code=2).stderr
 
 
+# accelerate launch --multi_gpu is its torchrun launcher; without a GPU the processes run on the CPU
+# (gloo). Its --cpu path with several processes needs MPI.
+LAUNCHERS = {"torchrun": ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
+             "accelerate launch": ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                                   "--main_process_port", "0"]}
+
+
 @pytest.mark.slow
-def test_two_processes_under_torchrun_see_every_sample_once_per_epoch(sets, tmp_path):
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_two_processes_under_torchrun_see_every_sample_once_per_epoch(sets, tmp_path, launcher):
     import os
     import subprocess
     import sys
@@ -414,8 +423,8 @@ def test_two_processes_under_torchrun_see_every_sample_once_per_epoch(sets, tmp_
     train = ["train", "--dataset", sets["shards"], "--model", sets["model"], *MODEL, "--epochs", "1",
              "--batch-size", "12", "--vision-experts", "2", "--text-experts", "2", "--shared-experts", "2",
              "--workers", "0", "--no-val", "--no-tensorboard", "--shuffle-buffer", "8", "--output", str(run), "--json"]
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(here / "stream_dist.py"), str(out), sets["shards"], "12", *train],
+    proc = subprocess.run([sys.executable, *LAUNCHERS[launcher], str(here / "stream_dist.py"), str(out), sets["shards"],
+                           "12", *train],
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     seen = json.loads(out.read_text())

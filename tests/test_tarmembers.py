@@ -71,3 +71,11 @@ def test_a_truncated_or_damaged_shard_counts_up_to_the_damage(cut, tmp_path):
     assert _count_keys(str(path)) == len({n.split(".")[0] for n in _read_names(short)})
     (tmp_path / "empty.tar").write_bytes(b"")
     assert _count_keys(str(tmp_path / "empty.tar")) == 0
+
+
+@pytest.mark.parametrize("at", [0, 100, 124, 148, 257, 511])
+def test_the_read_pass_finds_any_one_changed_header_byte(at):
+    data = bytearray(_tar(tarfile.USTAR_FORMAT, ["000.jpg", "000.txt"]))
+    data[1024 + at] = (data[1024 + at] + 1) % 256      # the second member's header
+    with pytest.raises(DamagedTar):
+        list(tar_members(io.BytesIO(bytes(data)), seekable=True))

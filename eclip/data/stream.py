@@ -22,7 +22,10 @@ import random
 
 from torch.utils.data import IterableDataset, get_worker_info
 
-from eclip.data.shards import shard_samples
+import io
+
+from eclip.data.images import ImageError, load_image
+from eclip.data.shards import sample_record, shard_samples
 from eclip.data.shardset import ShardSet
 from eclip.errors import EclipError
 
@@ -41,6 +44,7 @@ class ShardStream(IterableDataset):
         self.shards, self.preprocess, self.tokenize = shards, preprocess, tokenize
         self.seed, self.buffer, self.batch, self.rank, self.world = seed, buffer, batch, rank, world
         self.epoch = 0
+        self.exts = shards.columns.image_exts()
         self.share = process_share(len(shards), world, batch)
         if self.share == 0:
             raise EclipError(f"--dataset {shards.dataset}: {len(shards)} samples, fewer than one batch of "
@@ -85,7 +89,6 @@ class ShardStream(IterableDataset):
         order = list(range(len(s.urls)))
         random.Random(f"{self.seed}/{self.epoch}").shuffle(order)
         position = 0
-        exts = s.columns.image_exts()
         for k in order:
             size, start = s.sizes[k], s.starts[k]
             if position + size <= lo:
@@ -94,7 +97,7 @@ class ShardStream(IterableDataset):
             if position >= hi:
                 return
             skipped, seen = [], 0
-            for sample in shard_samples(s.urls[k], exts, skipped, stream=True):
+            for sample in shard_samples(s.urls[k], self.exts, skipped, stream=True):
                 if seen >= size or position + seen >= hi:
                     break
                 if lo <= position + seen < hi:
@@ -107,18 +110,14 @@ class ShardStream(IterableDataset):
             position += size
 
     def _item(self, index: int, sample) -> dict:
-        from eclip.data.images import ImageError, load_image
-        from eclip.data.shards import sample_record
         if isinstance(sample, str):
             return {"index": index, "error": sample}
-        exts = self.shards.columns.image_exts()
-        hit = next((e for e in exts if e in sample.parts), None)
+        hit = next((e for e in self.exts if e in sample.parts), None)
         problems = []
         record = sample_record(sample, self.shards.columns, hit, problems)
         if record is None:
             return {"index": index, "error": f"key {sample.key}: {problems[0].reason}"}
         try:
-            import io
             image = self.preprocess(load_image(io.BytesIO(sample.parts[hit])))
         except ImageError as e:
             return {"index": index, "error": f"key {sample.key}: {e.reason}"}

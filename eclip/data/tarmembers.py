@@ -10,6 +10,7 @@ their prefix, PAX `path` records, GNU long names, base-256 sizes; a bad checksum
 """
 from __future__ import annotations
 
+import zlib
 from typing import Callable, Iterator, Optional
 
 BLOCK = 512
@@ -133,8 +134,13 @@ def _check(header: bytes) -> None:
         expected = int(stored or b"0", 8)
     except ValueError:
         raise DamagedTar("damaged shard (a header is not a tar header)") from None
-    actual = sum(header) - sum(header[148:156]) + 8 * 32     # one pass over the block: ~2x faster
-    if expected != actual:
+    # The checksum is the byte sum with its own field read as spaces. Adler-32's low half is
+    # (1 + byte sum) mod 65521, computed in C: 0.6 us against 2.8 us for sum() over the block, a
+    # sample's four headers (PAX + member, image and text) 2% of the streaming loader's time. It
+    # passes a wrong header only when its byte sum is off by exactly 65521, which a byte sum, blind
+    # to swapped bytes anyway, makes no weaker in practice.
+    total = expected + sum(header[148:156]) - 8 * 32
+    if (1 + total) % 65521 != zlib.adler32(header) & 0xFFFF:
         raise DamagedTar("damaged shard (a header checksum is wrong)")
 
 
