@@ -18,11 +18,10 @@ keeps its number across epochs and processes.
 """
 from __future__ import annotations
 
+import io
 import random
 
 from torch.utils.data import IterableDataset, get_worker_info
-
-import io
 
 from eclip.data.images import ImageError, load_image
 from eclip.data.shards import sample_record, shard_samples
