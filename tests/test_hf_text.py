@@ -78,7 +78,8 @@ def test_padding_is_masked_for_captions_and_explanations(mean_model):
             assert t_pad.any() and e_pad.any()
             if garbage:
                 t_tok, e_tok = t_tok.masked_fill(t_pad[..., None], 1e4), e_tok.masked_fill(e_pad[..., None], -1e4)
-            return ex.text_outputs(t_cls, t_tok, t_pad), ex.shared_outputs(t_cls, ex.shared_keys_values(e_tok), e_pad)
+            shared = ex.shared_pass(t_cls[:, None], e_tok, e_pad, t_cls[:0], torch.arange(0))[0][:, 0]
+            return ex.text_outputs(t_cls, t_tok, t_pad), shared
 
         text, shared = outputs(40)
         text_g, shared_g = outputs(40, garbage=True)

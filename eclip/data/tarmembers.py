@@ -31,7 +31,7 @@ def tar_members(f, keep: Optional[Callable[[str], bool]] = None, seekable: bool 
     `seekable`, by reading otherwise."""
     offset, long_name, pax_path = 0, None, None
     while True:
-        header = _read(f, BLOCK, allow_eof=True)
+        header = _read(f, BLOCK)
         if not header or header == bytes(BLOCK):
             return                               # end of archive (or a missing end marker)
         offset += BLOCK
@@ -106,7 +106,7 @@ def member_names(buf) -> Iterator[str]:
                 yield name
 
 
-def _read(f, n: int, allow_eof: bool = False) -> bytes:
+def _read(f, n: int) -> bytes:
     first = f.read(n)
     if len(first) == n or not first:             # a whole read (a local file's, always) or the end
         return first

@@ -153,19 +153,6 @@ class MultimodalExperts(nn.Module):
         """-> [B, n_text, D]: self-attention over the caption tokens, read at EOT."""
         return self._self_attention(self.text, t_eot, t_tokens, t_padding)
 
-    def shared_keys_values(self, e_tokens) -> torch.Tensor:
-        """Every shared expert's keys and values of the explanation tokens E [B, L, D]: [B, L, 2, n, D]."""
-        return group_keys_values(self.shared, e_tokens)
-
-    def shared_outputs(self, query, e_kv, e_padding, rows=None):
-        """-> [B, n_shared, D]: `query` [B, D] (V_cls or T_eot) attends to explanation tokens E,
-        given as `shared_keys_values(E)`; `rows` picks which explanation each query reads."""
-        if not len(self.shared):
-            return query.new_zeros(query.shape[0], 0, self.width)
-        if rows is not None:
-            e_kv, e_padding = e_kv[rows], e_padding[rows]
-        return group_attend(self.shared, query[:, None], e_kv, e_padding)[:, 0]
-
     def shared_pass(self, queries, e_tokens, e_padding, extra_queries, rows, extra_tokens=None, extra_padding=None):
         """Every use of the shared experts in a step, with their keys and values computed once:
 
