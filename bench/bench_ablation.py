@@ -212,6 +212,7 @@ def _metrics(result: dict) -> dict:
 def table(rows: list, seeds: list, settings: dict, machine: str, seconds: float, quick: bool, flags: str = "",
           split: str = "test") -> str:
     """The markdown table for the README."""
+    import demo
     n = rows[0]["n_images"] if rows else 0
     lines = [f"{split.capitalize()} split of the demo set: {n} images and captions (chance R@1 = {100 / max(n, 1):.1f}%). "
              f"Mean ± standard deviation over seeds {', '.join(map(str, seeds))}; every trained row: "
@@ -219,7 +220,8 @@ def table(rows: list, seeds: list, settings: dict, machine: str, seconds: float,
              f"{settings['epochs']} epochs of batch "
              f"{settings['batch_size']}, lr {settings['lr']} (warm-up {settings['warmup_steps']} steps, cosine), "
              f"weight decay {settings['weight_decay']}, --augment, 2/2/2 experts; the last checkpoint, and in "
-             f"the last column the one with the best validation rsum. Photographs first: the demo's step 5 "
+             f"the last column the one with the best validation rsum (validated every {demo.VAL_FREQUENCY} epochs "
+             f"and at the last). Photographs first: the demo's step 5 "
              f"per seed, on the test views (and, in brackets, the val views): how many of the named photographs "
              f"rank their true caption first among that split's photographs' captions.",
              "",

@@ -223,7 +223,8 @@ class TrainConfig:
     workers: int = 4
     select_by: str = "rsum"               # one of SELECT_BY
     protocol: Optional[str] = None        # "paper": the reference's readers (eclip.protocol); None: eclip's
-    eval_every: int = 0                   # 0: validate at the end of each epoch only
+    val_frequency: int = 1                # validate at the end of every K-th epoch and of the last
+    eval_every: int = 0                   # 0: validate at the end of epochs only (val_frequency)
     save_every: int = 0                   # 0: save the resumable state at the end of each epoch only
     log_every: int = 10
     tensorboard: bool = True              # when the tensorboard package is installed

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from eclip.cli import app
 from eclip.train.validate import contrastive_loss
 
-from train_helpers import build_flags, log_lines, train_args
+from train_helpers import build_flags, log_lines, one_thread_run, train_args
 
 
 def runner():
@@ -73,3 +73,21 @@ def test_select_by_is_checked_before_anything_loads(tmp_path):
     result = CliRunner().invoke(app, ["train", "--dataset", "x.jsonl", "--select-by", "recall", "--output",
                                       str(tmp_path / "run")])
     assert result.exit_code == 2 and "--select-by recall: one of rsum, val-loss" in result.output
+
+
+@pytest.mark.parametrize("WORKERS", ["0", "1"])
+def test_val_frequency_validates_every_kth_epoch_and_changes_no_weight(tmp_path, WORKERS):
+    """--val-frequency 2 over 3 epochs validates after epochs 2 and 3 only, and the weights are those
+    of a run validating every epoch (validation must not touch the training's random state; the val
+    loader draws its seed from torch's global generator, and --augment with a worker reads one)."""
+    from safetensors.torch import load_file
+    flags = build_flags(tmp_path)
+    runs = {}
+    for k in (1, 2):
+        runs[k] = tmp_path / f"every-{k}"
+        one_thread_run(train_args(flags, runs[k], "--epochs", "3", "--workers", WORKERS, "--augment",
+                                  "--val-frequency", str(k)))
+    assert [r["epoch"] for r in log_lines(runs[1]) if r["kind"] == "val"] == [1, 2, 3]
+    assert [r["epoch"] for r in log_lines(runs[2]) if r["kind"] == "val"] == [2, 3]
+    every, sparse = (load_file(str(runs[k] / "last.safetensors")) for k in (1, 2))
+    assert every.keys() == sparse.keys() and all(torch.equal(every[n], sparse[n]) for n in every)

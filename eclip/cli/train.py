@@ -138,8 +138,11 @@ def train(
         RUN, "eclip", "paper: the reference code's choices in one switch: --select-by val-loss, --negatives "
         "reference and its readers (README, 'Comparing with the paper').", "--protocol", metavar="eclip|paper")] = None,
     workers: Annotated[OptInt, _int(RUN, "4", "Image-loading processes.", min=0)] = None,
+    val_frequency: Annotated[OptInt, _int(RUN, "1", "Validate at the end of every K-th epoch and of the last "
+                                                    "(open_clip's --val-frequency); validation does not change "
+                                                    "the training.", min=1)] = None,
     eval_every: Annotated[OptInt, _int(RUN, "0", "Also validate every N optimizer steps (0: at the end of "
-                                                 "each epoch only).", min=0)] = None,
+                                                 "epochs only).", min=0)] = None,
     save_every: Annotated[OptInt, _int(RUN, "0", "Also save the resumable state every N optimizer steps "
                                                  "(0: at the end of each epoch only).", min=0)] = None,
     log_every: Annotated[OptInt, _int(RUN, "10", "Log the mean losses every N optimizer steps.", min=1)] = None,
@@ -178,7 +181,7 @@ def train(
             "tower_cache_mb": tower_cache_mb, "tower_cache_disk": tower_cache_disk,
             "vision_experts": vision_experts, "text_experts": text_experts, "shared_experts": shared_experts,
             "no_experts": no_experts, "augment": AUGMENT if augment else None, "select_by": select_by,
-            "workers": workers, "eval_every": eval_every, "save_every": save_every,
+            "workers": workers, "val_frequency": val_frequency, "eval_every": eval_every, "save_every": save_every,
             "log_every": log_every, "tensorboard": tensorboard,
             "protocol": protocol if protocol != "eclip" else None,
         }

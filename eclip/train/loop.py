@@ -157,7 +157,8 @@ class Trainer:
         for epoch in range(self.t["epoch"], self.cfg.epochs):
             self._epoch(epoch)
             self.t["epoch"], self.t["batch"] = epoch + 1, 0
-            self._validate(epoch + 1)
+            if (epoch + 1) % self.cfg.val_frequency == 0 or epoch + 1 == self.cfg.epochs:
+                self._validate(epoch + 1)
             self._save()
         return self._summary()
 

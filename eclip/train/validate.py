@@ -17,7 +17,10 @@ def encode_pairs(accelerator, model, dataset, batch_size: int, workers: int):
     pairs, gathered from every process and sorted by index."""
     rank, world = accelerator.process_index, accelerator.num_processes
     shard = Subset(dataset, range(rank, len(dataset), world))
-    loader = DataLoader(shard, batch_size=batch_size, collate_fn=collate_pairs, num_workers=workers)
+    # its own generator: a DataLoader draws its workers' base seed from torch's global one, which
+    # training reads (--augment with --workers 0), so validating would change the training
+    loader = DataLoader(shard, batch_size=batch_size, collate_fn=collate_pairs, num_workers=workers,
+                        generator=torch.Generator().manual_seed(0))
     device, width = accelerator.device, model.config.clip_config["embed_dim"]
     idx = [torch.empty(0, dtype=torch.long, device=device)]
     img, txt = [torch.empty(0, width, device=device)], [torch.empty(0, width, device=device)]
