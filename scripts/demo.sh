@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Fresh machine -> installed -> the offline end-to-end demo (explain, train, evaluate, match)
-# on real entity data shipped by registry packages. About 9 1/2 minutes on 2 CPU cores (measured: README, "The demo").
+# on real entity data shipped by registry packages. About 8 1/2 minutes on 2 CPU cores (measured: README, "The demo").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
