@@ -75,17 +75,18 @@ def test_select_by_is_checked_before_anything_loads(tmp_path):
     assert result.exit_code == 2 and "--select-by recall: one of rsum, val-loss" in result.output
 
 
-@pytest.mark.parametrize("WORKERS", ["0", "1"])
-def test_val_frequency_validates_every_kth_epoch_and_changes_no_weight(tmp_path, WORKERS):
+@pytest.mark.parametrize("workers", ["0", "1"])
+def test_val_frequency_validates_every_kth_epoch_and_changes_no_weight(tmp_path, workers):
     """--val-frequency 2 over 3 epochs validates after epochs 2 and 3 only, and the weights are those
-    of a run validating every epoch (validation must not touch the training's random state; the val
-    loader draws its seed from torch's global generator, and --augment with a worker reads one)."""
+    of a run validating every epoch: validation must not touch the training's random state (with
+    --workers 0 the augmentations read torch's global generator, which a DataLoader draws its seed from
+    unless given its own)."""
     from safetensors.torch import load_file
     flags = build_flags(tmp_path)
     runs = {}
     for k in (1, 2):
         runs[k] = tmp_path / f"every-{k}"
-        one_thread_run(train_args(flags, runs[k], "--epochs", "3", "--workers", WORKERS, "--augment",
+        one_thread_run(train_args(flags, runs[k], "--epochs", "3", "--workers", workers, "--augment",
                                   "--val-frequency", str(k)))
     assert [r["epoch"] for r in log_lines(runs[1]) if r["kind"] == "val"] == [1, 2, 3]
     assert [r["epoch"] for r in log_lines(runs[2]) if r["kind"] == "val"] == [2, 3]
