@@ -211,6 +211,7 @@ class TrainConfig:
     accum_freq: int = 1                   # compute each batch in this many micro-batches, same loss and gradient
     tower_cache_mb: float = 1024          # a fully locked tower's outputs, kept per distinct input (0: off)
     tower_cache_disk: bool = False        # also keep them in RUN_DIR/tower-cache/ (survives a resume)
+    data_cache_mb: float = 0              # decoded training images and tokens kept, per loading process (0: off)
     eta: Optional[float] = None           # None: LossConfig's default (or the checkpoint's)
     lam: Optional[float] = None
     negatives: Optional[str] = None       # None: LossConfig's default (or the checkpoint's)
@@ -225,7 +226,8 @@ class TrainConfig:
     protocol: Optional[str] = None        # "paper": the reference's readers (eclip.protocol); None: eclip's
     val_frequency: int = 1                # validate at the end of every K-th epoch and of the last
     eval_every: int = 0                   # 0: validate at the end of epochs only (val_frequency)
-    save_every: int = 0                   # 0: save the resumable state at the end of each epoch only
+    save_frequency: int = 1               # save the state and last.safetensors every K-th epoch and the last
+    save_every: int = 0                   # 0: save the resumable state at the ends of epochs only (save_frequency)
     log_every: int = 10
     tensorboard: bool = True              # when the tensorboard package is installed
 

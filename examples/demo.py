@@ -53,7 +53,11 @@ QUICK = dict(n_flags=12, views=6, live=1, epochs=2, batch_size=16, lr=4e-3, weig
              **MODEL)
 # --scratch: the demo before issue 29, both towers of examples/tiny-vit.json from random weights (its settings)
 SCRATCH = dict(model="tiny-vit.json", lock_text=False, lr=2e-3, epochs=60)
+# How often a run validates and saves, and the memory its loader keeps decoded images and tokens in: they
+# change no weight (tests/test_train_selection.py, tests/test_data_cache.py), so they are not settings.
 VAL_FREQUENCY = 5     # epochs between validations (and the last epoch's): the curves' points
+SAVE_FREQUENCY = 5    # epochs between saves of the state and last.safetensors (and the last epoch's)
+DATA_CACHE_MB = 256   # the whole demo set, decoded: ~60 MB
 MODELS = {"EntityCLIP": False, "CLIP fine-tuned (--no-experts)": True}     # name -> --no-experts
 
 
@@ -188,9 +192,10 @@ def train_args(p: dict, data: Path, run: Path, seed: int = 42, no_experts: bool 
             "--batch-size", str(p["batch_size"]), "--lr", str(p["lr"]), "--weight-decay", str(p["weight_decay"]),
             "--warmup-steps", str(p["warmup_steps"]), "--vision-experts", "2", "--text-experts", "2",
             "--shared-experts", "2", "--workers", "1", "--seed", str(seed), "--log-every", "25",
-            # validating every epoch took about a third of a run (38-step epochs); the weights are the
-            # same either way (tests/test_train_selection.py), so this is not one of the settings
-            "--val-frequency", str(VAL_FREQUENCY)]
+            # on 38-step epochs, validating every epoch took a third of a run, and saving and decoding
+            # every image each epoch a quarter of the rest (bench/bench_demo_runs.py); same weights
+            "--val-frequency", str(VAL_FREQUENCY), "--save-frequency", str(SAVE_FREQUENCY),
+            "--data-cache-mb", str(DATA_CACHE_MB)]
     args += ["--lock-text"] if p.get("lock_text") else []
     args += ["--no-experts"] if no_experts else []
     args += ["--explanations", explanations] if explanations else []

@@ -92,3 +92,25 @@ def test_val_frequency_validates_every_kth_epoch_and_changes_no_weight(tmp_path,
     assert [r["epoch"] for r in log_lines(runs[2]) if r["kind"] == "val"] == [2, 3]
     every, sparse = (load_file(str(runs[k] / "last.safetensors")) for k in (1, 2))
     assert every.keys() == sparse.keys() and all(torch.equal(every[n], sparse[n]) for n in every)
+
+
+def test_save_frequency_saves_every_kth_epoch_and_the_last_and_changes_no_weight(tmp_path, monkeypatch):
+    """--save-frequency 2 over 3 epochs saves the state (and last.safetensors) after epochs 2 and 3
+    only; the weights are those of a run saving every epoch, and the run resumes from its last save."""
+    from safetensors.torch import load_file
+
+    from eclip.train.rundir import RunDir
+    flags = build_flags(tmp_path)
+    saved, save_state = [], RunDir.save_state
+    monkeypatch.setattr(RunDir, "save_state", lambda self, acc, t: saved.append(t["epoch"]) or save_state(self, acc, t))
+    runs = {}
+    for k in (1, 2):
+        saved.clear()
+        runs[k] = tmp_path / f"every-{k}"
+        one_thread_run(train_args(flags, runs[k], "--epochs", "3", "--save-frequency", str(k)))
+        assert saved == ([1, 2, 3] if k == 1 else [2, 3])
+    every, sparse = (load_file(str(runs[k] / "last.safetensors")) for k in (1, 2))
+    assert every.keys() == sparse.keys() and all(torch.equal(every[n], sparse[n]) for n in every)
+    saved.clear()
+    summary = one_thread_run(["train", "--resume", str(runs[2]), "--epochs", "4"])     # 3 saved: one more epoch
+    assert saved == [4] and summary["steps"] == 16

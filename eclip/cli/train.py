@@ -24,8 +24,9 @@ contrastive negatives are gathered across them, so N processes train like one wi
 RUN_DIR (--output) receives config.json, log.jsonl, skipped.jsonl, best.safetensors (the first
 validation with the highest val rsum = R@1+5+10 of both directions, or the lowest val loss with
 --select-by val-loss; later ties do not replace it),
-last.safetensors, curves.png, summary.json and state/ (saved atomically each epoch and every
---save-every steps). `eclip train --resume RUN_DIR` continues exactly where the last state left off.
+last.safetensors, curves.png, summary.json and state/ (saved atomically at the end of each epoch, or
+of every --save-frequency K-th, and every --save-every steps). `eclip train --resume RUN_DIR`
+continues exactly where the last state left off.
 """
 
 
@@ -52,8 +53,9 @@ def train(
     output: Annotated[OptPath, _opt(RUN, "runs/<dataset>", "RUN_DIR: a new folder for this run.",
                                     "--output", "-o")] = None,
     resume: Annotated[OptPath, _opt(
-        RUN, None, "Continue the run in RUN_DIR with its saved options (--epochs, --workers, --eval-every, "
-        "--save-every, --log-every, --device, --tensorboard may be changed).", "--resume", metavar="RUN_DIR")] = None,
+        RUN, None, "Continue the run in RUN_DIR with its saved options (--epochs, --workers, --val-frequency, "
+        "--eval-every, --save-frequency, --save-every, --log-every, --device, --tensorboard may be changed).",
+        "--resume", metavar="RUN_DIR")] = None,
     data_root: DataRoot = None,
     val_dataset: Annotated[Optional[str], _opt(
         "Data", None, "Validation pairs. Default: the benchmark's val split; for FILE the file beside it "
@@ -111,6 +113,10 @@ def train(
     tower_cache_mb: Annotated[OptFloat, _float(
         OPT, "1024", "Memory for a locked tower's outputs, computed once per distinct caption (and image, "
         "without --augment) instead of every step; 0: off.", min=0.0)] = None,
+    data_cache_mb: Annotated[OptFloat, _float(
+        OPT, "0", "Memory for decoded training images and tokens, per image-loading process: later epochs "
+        "skip reading, decoding and tokenizing what is kept (augmentations still run); 0: off. For sets that "
+        "fit, e.g. the demo's.", min=0.0)] = None,
     tower_cache_disk: Annotated[OptBool, _opt(
         OPT, None, "Also keep the locked tower's outputs in RUN_DIR/tower-cache/ (read back on --resume).",
         "--tower-cache-disk")] = None,
@@ -143,8 +149,12 @@ def train(
                                                     "the training.", min=1)] = None,
     eval_every: Annotated[OptInt, _int(RUN, "0", "Also validate every N optimizer steps (0: at the end of "
                                                  "epochs only).", min=0)] = None,
+    save_frequency: Annotated[OptInt, _int(RUN, "1", "Save last.safetensors and the resumable state at the end "
+                                                     "of every K-th epoch and of the last (open_clip's "
+                                                     "--save-frequency); a killed run resumes from the last save.",
+                                           min=1)] = None,
     save_every: Annotated[OptInt, _int(RUN, "0", "Also save the resumable state every N optimizer steps "
-                                                 "(0: at the end of each epoch only).", min=0)] = None,
+                                                 "(0: at the ends of epochs only).", min=0)] = None,
     log_every: Annotated[OptInt, _int(RUN, "10", "Log the mean losses every N optimizer steps.", min=1)] = None,
     tensorboard: Annotated[OptBool, _opt(RUN, "on", "Write RUN_DIR/tensorboard (when the tensorboard "
                                                     "package is installed).", "--tensorboard/--no-tensorboard")] = None,
@@ -178,10 +188,11 @@ def train(
             "lock_text_unlocked_layers": lock_text_unlocked_layers,
             "lock_image_freeze_bn_stats": lock_image_freeze_bn_stats, "grad_checkpointing": grad_checkpointing,
             "accum_freq": accum_freq,
-            "tower_cache_mb": tower_cache_mb, "tower_cache_disk": tower_cache_disk,
+            "tower_cache_mb": tower_cache_mb, "tower_cache_disk": tower_cache_disk, "data_cache_mb": data_cache_mb,
             "vision_experts": vision_experts, "text_experts": text_experts, "shared_experts": shared_experts,
             "no_experts": no_experts, "augment": AUGMENT if augment else None, "select_by": select_by,
-            "workers": workers, "val_frequency": val_frequency, "eval_every": eval_every, "save_every": save_every,
+            "workers": workers, "val_frequency": val_frequency, "eval_every": eval_every,
+            "save_frequency": save_frequency, "save_every": save_every,
             "log_every": log_every, "tensorboard": tensorboard,
             "protocol": protocol if protocol != "eclip" else None,
         }

@@ -18,9 +18,9 @@ from eclip.data.images import ImageError, load_image
 from eclip.data.records import Record
 
 
-def _load(index: int, path: str, preprocess) -> dict:
+def _load(index: int, path: str, preprocess, open_image=load_image) -> dict:
     try:
-        return {"index": index, "image": preprocess(load_image(path))}
+        return {"index": index, "image": preprocess(open_image(path))}
     except ImageError as e:
         return {"index": index, "error": e.reason}
     except Exception as e:   # a transform failing on one odd image must not end the epoch
@@ -48,20 +48,45 @@ class PairDataset(ImageDataset):
     `tokenize` (e.g. open_clip.get_tokenizer(name), not a model's bound method),
     items also carry `caption_tokens` and `explanation_tokens` [77], tokenized in
     the workers.
+
+    `cache_mb` > 0 keeps decoded images and tokens in memory, per process (each DataLoader
+    worker its own), until that many MB are held: later epochs then skip reading, decoding and
+    tokenizing what is kept; `preprocess` (with its random augmentations) runs on every item as
+    before, so items are the same with and without it.
     """
 
-    def __init__(self, records, preprocess, tokenize=None):
+    def __init__(self, records, preprocess, tokenize=None, cache_mb: float = 0):
         super().__init__([r.image for r in records], preprocess)
         self.tokenize = tokenize
         self.texts = [(r.caption, r.training_explanation()) for r in records] if tokenize else None
+        self.cache_bytes, self.cached_bytes = int(cache_mb * 2**20), 0
+        self.images, self.tokens = {}, {}      # index -> decoded RGB image; index -> tokens [2, L]
 
     def __getitem__(self, i: int) -> dict:
-        item = super().__getitem__(i)
+        item = _load(i, self.paths[i], self.preprocess, lambda path: self._image(i, path))
         if self.tokenize is not None and "image" in item:
-            caption, explanation = self.texts[i]
-            tokens = self.tokenize([caption, explanation])
+            tokens = self._tokens(i)
             item["caption_tokens"], item["explanation_tokens"] = tokens[0], tokens[1]
         return item
+
+    def _image(self, i: int, path: str):
+        image = self.images.get(i)
+        if image is None:
+            image = load_image(path)
+            self._keep(self.images, i, image, image.width * image.height * len(image.getbands()))
+        return image
+
+    def _tokens(self, i: int) -> torch.Tensor:
+        tokens = self.tokens.get(i)
+        if tokens is None:
+            tokens = self.tokenize(list(self.texts[i]))
+            self._keep(self.tokens, i, tokens, tokens.numel() * tokens.element_size())
+        return tokens
+
+    def _keep(self, cache: dict, i: int, value, size: int) -> None:
+        if self.cached_bytes + size <= self.cache_bytes:
+            cache[i] = value
+            self.cached_bytes += size
 
 
 def collate_images(batch: list[dict]) -> dict:

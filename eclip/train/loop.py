@@ -107,7 +107,7 @@ class Trainer:
         self.ids = group_ids(self.train_records).to(acc.device)
         self.val_ids = group_ids(self.val_records)
         loader = pair_loader(self.train_records, model, cfg.batch_size, cfg.workers, seed=cfg.seed,
-                             augment=cfg.augment, shuffle_buffer=cfg.shuffle_buffer)
+                             augment=cfg.augment, shuffle_buffer=cfg.shuffle_buffer, cache_mb=cfg.data_cache_mb)
         self.batches_per_epoch = len(loader)
         self.total_steps = cfg.epochs * math.ceil(self.batches_per_epoch / cfg.grad_accum)
         optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, acc.device.type)
@@ -157,9 +157,11 @@ class Trainer:
         for epoch in range(self.t["epoch"], self.cfg.epochs):
             self._epoch(epoch)
             self.t["epoch"], self.t["batch"] = epoch + 1, 0
-            if (epoch + 1) % self.cfg.val_frequency == 0 or epoch + 1 == self.cfg.epochs:
+            last = epoch + 1 == self.cfg.epochs
+            if (epoch + 1) % self.cfg.val_frequency == 0 or last:
                 self._validate(epoch + 1)
-            self._save()
+            if (epoch + 1) % self.cfg.save_frequency == 0 or last:
+                self._save()
         return self._summary()
 
     def _epoch(self, epoch: int) -> None:

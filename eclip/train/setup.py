@@ -164,16 +164,17 @@ def training_transform(model, augment: dict | None):
 
 
 def pair_loader(records, model, batch_size: int, workers: int, seed: int | None = None,
-                augment: dict | None = None, shuffle_buffer: int | None = None) -> DataLoader:
+                augment: dict | None = None, shuffle_buffer: int | None = None, cache_mb: float = 0) -> DataLoader:
     """Batches of {indices, images, caption_tokens, explanation_tokens, skipped}; shuffled when `seed` is given,
-    images augmented when `augment` is given (see `training_transform`). `records` may be a ShardSet: its
-    shards are then streamed, each process reading its own share (eclip.data.stream)."""
+    images augmented when `augment` is given (see `training_transform`), decoded images and tokens kept in
+    memory up to `cache_mb` per loading process (PairDataset). `records` may be a ShardSet: its shards are
+    then streamed, each process reading its own share (eclip.data.stream), and nothing is kept."""
     from eclip.data.dataset import PairDataset, collate_pairs
     if hasattr(records, "group_ids"):
         from eclip.data.stream import stream_loader
         return stream_loader(records, training_transform(model, augment), model.tokenizer, batch_size, workers,
                              seed or 0, shuffle_buffer or 0)
-    dataset = PairDataset(records, training_transform(model, augment), model.tokenizer)
+    dataset = PairDataset(records, training_transform(model, augment), model.tokenizer, cache_mb=cache_mb)
     shuffle = seed is not None
     return DataLoader(dataset, batch_size=batch_size, sampler=EpochShuffle(len(dataset), seed) if shuffle else None,
                       drop_last=shuffle, collate_fn=collate_pairs, num_workers=workers,
