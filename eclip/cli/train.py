@@ -116,7 +116,7 @@ def train(
     data_cache_mb: Annotated[OptFloat, _float(
         OPT, "0", "Memory for decoded training images and tokens, per image-loading process: later epochs "
         "skip reading, decoding and tokenizing what is kept (augmentations still run); 0: off. For sets that "
-        "fit, e.g. the demo's.", min=0.0)] = None,
+        "fit, e.g. the demo's; streamed shards are not kept.", min=0.0)] = None,
     tower_cache_disk: Annotated[OptBool, _opt(
         OPT, None, "Also keep the locked tower's outputs in RUN_DIR/tower-cache/ (read back on --resume).",
         "--tower-cache-disk")] = None,

@@ -24,8 +24,8 @@ TRAINER = "trainer.json"          # inside each state: step, epoch, best so far,
 _NAME = re.compile(r"step-(\d+)")
 
 # Options that may differ when a run is resumed; the rest define the run and must not change.
-RESUMABLE = {"epochs", "workers", "val_frequency", "eval_every", "save_frequency", "save_every", "log_every", "device",
-             "tensorboard",
+RESUMABLE = {"epochs", "workers", "val_frequency", "eval_every", "save_frequency", "save_every", "log_every",
+             "device", "tensorboard",
              "grad_checkpointing", "accum_freq",      # memory and speed only: same results
              "tower_cache_mb", "tower_cache_disk",     # the tower cache changes no result (tests/test_tower_cache.py)
              "data_cache_mb"}                          # nor the data cache (tests/test_data_cache.py)
