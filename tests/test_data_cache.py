@@ -3,16 +3,18 @@ bounded, and changing nothing: the same items, the same weights."""
 import dataclasses
 import json
 import random
+from types import SimpleNamespace
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import eclip.data.dataset as dataset_module
+from eclip.config import AUGMENT
 from eclip.data.dataset import PairDataset
 from eclip.data.readers import read_dataset
+from eclip.train.setup import training_transform
 
-from train_helpers import build_flags, one_thread_run, train_args
+from train_helpers import build_flags, one_thread_run, same_last_weights, train_args
 
 
 @pytest.fixture(scope="module")
@@ -21,14 +23,9 @@ def flags(tmp_path_factory):
 
 
 def _augment():
-    """open_clip's training transform as --augment builds it: random crops and colour jitter."""
-    import warnings
-
-    from open_clip.transform import AugmentationCfg, image_transform
-    aug = AugmentationCfg(scale=(0.5, 1.0), color_jitter=(0.3, 0.3, 0.3, 0.0), color_jitter_prob=0.8)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Unused augmentation cfg items")   # it uses them
-        return image_transform(64, is_train=True, aug_cfg=aug)
+    """The training transform --augment builds for a 64-pixel model: random crops and colour jitter."""
+    model = SimpleNamespace(config=SimpleNamespace(preprocess={"size": 64}))
+    return training_transform(model, AUGMENT)
 
 
 class CountingTokenizer:
@@ -90,5 +87,4 @@ def test_training_with_the_data_cache_gives_the_same_weights(flags, tmp_path):
         one_thread_run(train_args(flags, runs[cache], "--workers", "1", "--augment", "--data-cache-mb", cache))
     config = json.loads((runs["64"] / "config.json").read_text())
     assert config["data_cache_mb"] == 64
-    a, b = (load_file(str(runs[c] / "last.safetensors")) for c in ("0", "64"))
-    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    assert same_last_weights(runs["0"], runs["64"])

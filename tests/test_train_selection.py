@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from eclip.cli import app
 from eclip.train.validate import contrastive_loss
 
-from train_helpers import build_flags, log_lines, one_thread_run, train_args
+from train_helpers import build_flags, log_lines, one_thread_run, same_last_weights, train_args
 
 
 def runner():
@@ -81,7 +81,6 @@ def test_val_frequency_validates_every_kth_epoch_and_changes_no_weight(tmp_path,
     of a run validating every epoch: validation must not touch the training's random state (with
     --workers 0 the augmentations read torch's global generator, which a DataLoader draws its seed from
     unless given its own)."""
-    from safetensors.torch import load_file
     flags = build_flags(tmp_path)
     runs = {}
     for k in (1, 2):
@@ -90,15 +89,12 @@ def test_val_frequency_validates_every_kth_epoch_and_changes_no_weight(tmp_path,
                                   "--val-frequency", str(k)))
     assert [r["epoch"] for r in log_lines(runs[1]) if r["kind"] == "val"] == [1, 2, 3]
     assert [r["epoch"] for r in log_lines(runs[2]) if r["kind"] == "val"] == [2, 3]
-    every, sparse = (load_file(str(runs[k] / "last.safetensors")) for k in (1, 2))
-    assert every.keys() == sparse.keys() and all(torch.equal(every[n], sparse[n]) for n in every)
+    assert same_last_weights(runs[1], runs[2])
 
 
 def test_save_frequency_saves_every_kth_epoch_and_the_last_and_changes_no_weight(tmp_path, monkeypatch):
     """--save-frequency 2 over 3 epochs saves the state (and last.safetensors) after epochs 2 and 3
     only; the weights are those of a run saving every epoch, and the run resumes from its last save."""
-    from safetensors.torch import load_file
-
     from eclip.train.rundir import RunDir
     flags = build_flags(tmp_path)
     saved, save_state = [], RunDir.save_state
@@ -109,8 +105,7 @@ def test_save_frequency_saves_every_kth_epoch_and_the_last_and_changes_no_weight
         runs[k] = tmp_path / f"every-{k}"
         one_thread_run(train_args(flags, runs[k], "--epochs", "3", "--save-frequency", str(k)))
         assert saved == ([1, 2, 3] if k == 1 else [2, 3])
-    every, sparse = (load_file(str(runs[k] / "last.safetensors")) for k in (1, 2))
-    assert every.keys() == sparse.keys() and all(torch.equal(every[n], sparse[n]) for n in every)
+    assert same_last_weights(runs[1], runs[2])
     saved.clear()
     summary = one_thread_run(["train", "--resume", str(runs[2]), "--epochs", "4"])     # 3 saved: one more epoch
     assert saved == [4] and summary["steps"] == 16

@@ -47,3 +47,10 @@ def one_thread_run(argv) -> dict:
 
 def log_lines(run):
     return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def same_last_weights(run_a, run_b) -> bool:
+    """The two runs' last.safetensors hold the same tensors, bit for bit."""
+    from safetensors.torch import load_file
+    a, b = (load_file(str(run / "last.safetensors")) for run in (run_a, run_b))
+    return a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
